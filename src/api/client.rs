@@ -1,0 +1,578 @@
+//! The Prefinery HTTP client: authentication, the shared limiter, retries,
+//! error classification and pagination.
+//!
+//! Guarantees:
+//! - the key travels only in the `Authorization` header (HTTP Basic, key as
+//!   user name, empty password), never in a URL, and is never printed;
+//! - GET, PUT, DELETE and check-ins are retried on transient failures; a
+//!   create (POST) is retried only when it surely did not reach the server
+//!   (connection refused, 429); any other doubt comes back as
+//!   [`ApiError::OutcomeUnknown`] for the caller to resolve by a lookup.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use futures::Stream;
+use reqwest::{Method, StatusCode, header};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::time::Instant;
+use url::Url;
+
+use super::error::{ApiError, ApiMessages, Op};
+use super::limiter::{Limiter, RateClass};
+use super::models::{Beta, Pagination, Tester, TesterInput};
+
+/// Page size of every list endpoint (fixed by the server).
+pub const PAGE_SIZE: usize = 25;
+
+/// The API key. Its `Debug` and `Display` never show it.
+#[derive(Clone)]
+pub struct ApiKey(Arc<str>);
+
+impl ApiKey {
+    pub fn new(key: impl Into<String>) -> ApiKey {
+        ApiKey(Arc::from(key.into().trim()))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+impl fmt::Display for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// How hard to try before giving up on a request.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts for a transient failure (5xx, network), the first included.
+    pub max_attempts: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            // At 10% random failures, 8 attempts all fail with odds 1e-8.
+            max_attempts: 8,
+            base_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(20),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Exponential backoff with full jitter.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .base_delay
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max_delay);
+        exp.mul_f64(fastrand::f64())
+    }
+}
+
+/// Counters for the run summary and progress display.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    pub requests: AtomicU64,
+    pub throttled: AtomicU64,
+    pub retries: AtomicU64,
+    /// Time spent waiting on the limiter, summed over workers, in ms.
+    pub limiter_wait_ms: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    key: ApiKey,
+    limiter: Limiter,
+    retry: RetryPolicy,
+    stats: Arc<ClientStats>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base.as_str())
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+/// A response that passed classification.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub pagination: Option<Pagination>,
+    pub body: bytes::Bytes,
+}
+
+impl Reply {
+    pub fn json<T: DeserializeOwned>(&self, op: Op) -> Result<T, ApiError> {
+        serde_json::from_slice(&self.body).map_err(|e| ApiError::Decode {
+            op: op.describe(),
+            status: self.status,
+            cause: e.to_string(),
+        })
+    }
+}
+
+/// One page of a list.
+#[derive(Debug)]
+pub struct Page<T> {
+    pub number: u64,
+    pub items: Vec<T>,
+    pub pagination: Option<Pagination>,
+    /// Whether this is the last page.
+    pub last: bool,
+}
+
+impl Client {
+    pub fn new(base: Url, key: ApiKey, limiter: Limiter, retry: RetryPolicy) -> Client {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("prefsync/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(retry.timeout)
+            .pool_max_idle_per_host(64)
+            .build()
+            .expect("the HTTP client builds with static settings");
+        let mut base = base;
+        if !base.path().ends_with('/') {
+            let p = format!("{}/", base.path());
+            base.set_path(&p);
+        }
+        Client {
+            http,
+            base,
+            key,
+            limiter,
+            retry,
+            stats: Arc::new(ClientStats::default()),
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<ClientStats> {
+        &self.stats
+    }
+
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
+    }
+
+    fn rate_class(op: Op) -> RateClass {
+        match op {
+            Op::TestersList => RateClass::TestersList,
+            Op::RewardsList => RateClass::RewardsList,
+            Op::PointsList => RateClass::PointsList,
+            Op::BetasList | Op::BetaShow => RateClass::Betas,
+            Op::TesterShow | Op::RewardShow | Op::SuppressionsList => RateClass::Other,
+            _ => RateClass::Writes,
+        }
+    }
+
+    fn method(op: Op) -> Method {
+        use Op::*;
+        match op {
+            BetasList | BetaShow | TestersList | TesterShow | PointsList | RewardsList
+            | RewardShow | SuppressionsList => Method::GET,
+            TesterCreate | TesterCheckin | CheckinCreate | PointCreate | RewardCreate
+            | SuppressionCreate => Method::POST,
+            TesterUpdate | RewardUpdate => Method::PUT,
+            TesterDelete | SuppressionDelete => Method::DELETE,
+        }
+    }
+
+    /// Sends one call with the limiter, retries and error classification.
+    /// `path` is relative to the base URL, e.g. `betas/1/testers.json`.
+    pub async fn call(
+        &self,
+        op: Op,
+        beta: Option<&str>,
+        path: &str,
+        query: &[(String, String)],
+        body: Option<&Value>,
+    ) -> Result<Reply, ApiError> {
+        let class = Self::rate_class(op);
+        let method = Self::method(op);
+        let mut url = self.base.join(path).map_err(|e| ApiError::Decode {
+            op: op.describe(),
+            status: 0,
+            cause: format!("bad path {path:?}: {e}"),
+        })?;
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        let window = self
+            .limiter
+            .quota(class)
+            .map_or(Duration::from_secs(60), |q| q.period.max(Duration::from_secs(60)));
+        let started = Instant::now();
+        let mut throttle_waited = Duration::ZERO;
+        let mut throttle_budget = window;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let wait_start = Instant::now();
+            self.limiter.acquire(class, beta).await;
+            self.stats
+                .limiter_wait_ms
+                .fetch_add(wait_start.elapsed().as_millis() as u64, Ordering::Relaxed);
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+
+            let mut req = self
+                .http
+                .request(method.clone(), url.clone())
+                .basic_auth(self.key.expose(), Some(""))
+                .header(header::ACCEPT, "application/json");
+            if let Some(b) = body {
+                req = req
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(serde_json::to_vec(b).expect("a JSON value serialises"));
+            }
+            let outcome = match req.send().await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let pagination = resp
+                        .headers()
+                        .get("x-pagination")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(Pagination::parse);
+                    let retry_after = resp
+                        .headers()
+                        .get(header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(parse_retry_after);
+                    match resp.bytes().await {
+                        Ok(body) => Ok((status, pagination, retry_after, body)),
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+
+            let (status, pagination, retry_after, resp_body) = match outcome {
+                Ok(x) => x,
+                Err(e) => {
+                    let cause = describe_transport(&e);
+                    // A refused connection never reached the server.
+                    let surely_unsent = e.is_connect();
+                    if !op.is_idempotent() && !surely_unsent {
+                        return Err(ApiError::OutcomeUnknown {
+                            op: op.describe(),
+                            cause,
+                        });
+                    }
+                    if attempt >= self.retry.max_attempts {
+                        return Err(ApiError::Transport {
+                            op: op.describe(),
+                            attempts: attempt,
+                            cause,
+                        });
+                    }
+                    tracing::debug!(op = op.describe(), attempt, %cause, "retrying after a network error");
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(self.retry.backoff(attempt)).await;
+                    continue;
+                }
+            };
+
+            if status.is_success() {
+                self.limiter.succeeded(class, beta);
+                return Ok(Reply {
+                    status: status.as_u16(),
+                    pagination,
+                    body: resp_body,
+                });
+            }
+
+            let messages = ApiMessages::parse(&resp_body);
+            let code = status.as_u16();
+            // 429 is a refusal before any work. 503 is the documented throttle
+            // answer, but for a create it could also be a failure after the
+            // write, so a create treats it as an unknown outcome.
+            let throttled = status == StatusCode::TOO_MANY_REQUESTS
+                || (status == StatusCode::SERVICE_UNAVAILABLE && op.is_idempotent());
+            if throttled {
+                self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                let pause = match retry_after {
+                    Some(d) if !d.is_zero() => {
+                        throttle_budget = throttle_budget.max(throttle_waited + d + window);
+                        d
+                    }
+                    _ => self.retry.backoff(attempt).max(Duration::from_millis(100)),
+                };
+                if throttle_waited + pause > throttle_budget {
+                    return Err(ApiError::Throttled {
+                        op: op.describe(),
+                        status: code,
+                        waited: started.elapsed(),
+                    });
+                }
+                throttle_waited += pause;
+                tracing::debug!(op = op.describe(), status = code, pause_ms = pause.as_millis() as u64, "throttled");
+                self.limiter.throttled(class, beta, pause);
+                // Throttling is not a failure of this request: it does not use
+                // up the attempts.
+                attempt -= 1;
+                continue;
+            }
+
+            match code {
+                401 => return Err(ApiError::Unauthorized { op: op.describe() }),
+                402 => return Err(ApiError::PaymentRequired { op: op.describe() }),
+                403 => {
+                    return Err(ApiError::Forbidden {
+                        op: op.describe(),
+                        permission: op.permission(),
+                    });
+                }
+                404 if !op.targets_record() => {
+                    return Err(ApiError::ProjectNotFound {
+                        op: op.describe(),
+                        beta: beta.unwrap_or_default().to_string(),
+                    });
+                }
+                404 => {
+                    return Err(ApiError::NotFound {
+                        op: op.describe(),
+                        what: format!("/{path}"),
+                        messages,
+                    });
+                }
+                408 | 500..=599 => {
+                    if !op.is_idempotent() {
+                        return Err(ApiError::OutcomeUnknown {
+                            op: op.describe(),
+                            cause: format!("HTTP {code}: {messages}"),
+                        });
+                    }
+                    if attempt >= self.retry.max_attempts {
+                        return Err(ApiError::Server {
+                            op: op.describe(),
+                            status: code,
+                            attempts: attempt,
+                            messages,
+                        });
+                    }
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(self.retry.backoff(attempt)).await;
+                    continue;
+                }
+                _ => {
+                    return Err(ApiError::Rejected {
+                        op: op.describe(),
+                        status: code,
+                        messages,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Pages through a list endpoint from `first_page` on. Stops on
+    /// `next_page: null`, on an empty page, and, where the header is missing,
+    /// on a short page.
+    pub fn pages<T: DeserializeOwned + Send + 'static>(
+        &self,
+        op: Op,
+        beta: Option<String>,
+        path: String,
+        query: Vec<(String, String)>,
+        first_page: u64,
+    ) -> impl Stream<Item = Result<Page<T>, ApiError>> + Send + 'static {
+        let client = self.clone();
+        futures::stream::try_unfold(Some(first_page), move |next| {
+            let client = client.clone();
+            let beta = beta.clone();
+            let path = path.clone();
+            let query = query.clone();
+            async move {
+                let Some(number) = next else {
+                    return Ok(None);
+                };
+                let mut q = query;
+                q.push(("page".into(), number.to_string()));
+                let reply = client.call(op, beta.as_deref(), &path, &q, None).await?;
+                let items: Vec<T> = reply.json(op)?;
+                let p = reply.pagination.clone();
+                let last = items.is_empty()
+                    || match &p {
+                        Some(p) if p.has_next_key => p.next_page.is_none(),
+                        Some(Pagination {
+                            pages: Some(pages),
+                            current_page: Some(cur),
+                            ..
+                        }) => cur >= pages,
+                        _ => items.len() < PAGE_SIZE,
+                    };
+                let following = if last {
+                    None
+                } else {
+                    Some(
+                        p.as_ref()
+                            .and_then(|p| p.next_page)
+                            .filter(|n| *n > number)
+                            .unwrap_or(number + 1),
+                    )
+                };
+                if items.is_empty() {
+                    return Ok(None);
+                }
+                Ok(Some((
+                    Page {
+                        number,
+                        items,
+                        pagination: p,
+                        last,
+                    },
+                    following,
+                )))
+            }
+        })
+    }
+
+    // ---- typed calls -------------------------------------------------------
+
+    pub async fn betas(&self) -> Result<Vec<Beta>, ApiError> {
+        use futures::TryStreamExt;
+        let pages: Vec<Page<Beta>> = self
+            .pages(Op::BetasList, None, "betas.json".into(), vec![], 1)
+            .try_collect()
+            .await?;
+        Ok(pages.into_iter().flat_map(|p| p.items).collect())
+    }
+
+    pub async fn beta(&self, beta: &str) -> Result<Beta, ApiError> {
+        let r = self
+            .call(Op::BetaShow, Some(beta), &format!("betas/{beta}.json"), &[], None)
+            .await?;
+        r.json(Op::BetaShow)
+    }
+
+    /// The tester with this email, if any (`email_is`, exact match).
+    pub async fn find_tester(&self, beta: &str, email: &str) -> Result<Option<Tester>, ApiError> {
+        let q = [("email_is".to_string(), email.to_string())];
+        let r = self
+            .call(
+                Op::TestersList,
+                Some(beta),
+                &format!("betas/{beta}/testers.json"),
+                &q,
+                None,
+            )
+            .await?;
+        let list: Vec<Tester> = r.json(Op::TestersList)?;
+        // Compare case-insensitively: a server may match either way.
+        Ok(list
+            .into_iter()
+            .find(|t| t.email.eq_ignore_ascii_case(email)))
+    }
+
+    pub async fn create_tester(&self, beta: &str, input: &TesterInput) -> Result<Tester, ApiError> {
+        let r = self
+            .call(
+                Op::TesterCreate,
+                Some(beta),
+                &format!("betas/{beta}/testers.json"),
+                &[],
+                Some(&input.to_body()),
+            )
+            .await?;
+        r.json(Op::TesterCreate)
+    }
+
+    pub async fn update_tester(
+        &self,
+        beta: &str,
+        id: u64,
+        input: &TesterInput,
+    ) -> Result<Tester, ApiError> {
+        let r = self
+            .call(
+                Op::TesterUpdate,
+                Some(beta),
+                &format!("betas/{beta}/testers/{id}.json"),
+                &[],
+                Some(&input.to_body()),
+            )
+            .await?;
+        r.json(Op::TesterUpdate)
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date. Zero means no hint.
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(v).ok()?;
+    Some(
+        when.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// A network error, described without its URL (which names the host and
+/// path only, but keep it short and uniform).
+fn describe_transport(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else if e.is_body() || e.is_decode() {
+        "the connection dropped while reading the answer"
+    } else {
+        "the request failed"
+    };
+    let mut cause = String::new();
+    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(s) = src {
+        cause = s.to_string();
+        src = s.source();
+    }
+    if cause.is_empty() {
+        kind.to_string()
+    } else {
+        format!("{kind}: {cause}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_is_redacted() {
+        let k = ApiKey::new("s3cret-key");
+        assert!(!format!("{k:?} {k}").contains("s3cret"));
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after("0"), Some(Duration::ZERO));
+        let future = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
+        let d = parse_retry_after(&future).unwrap();
+        assert!(d > Duration::from_secs(25) && d <= Duration::from_secs(30));
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}

@@ -1,0 +1,428 @@
+//! One rate limiter shared by every worker of a run.
+//!
+//! Each endpoint class has a quota of N requests per period P. The server's
+//! window semantics are unknown (fixed or sliding), so requests are spaced
+//! evenly, one every P/N plus a 1% margin, with a burst of one: no interval of
+//! length P can ever hold more than N of them, and the steady rate is 99% of
+//! the quota. The margin absorbs network jitter, which can bunch requests that
+//! left evenly spaced, since the server counts arrivals.
+//!
+//! A throttled answer (429 or 503) slows the class for every worker at once:
+//! the class pauses for the server's `Retry-After` (or a backoff), and its
+//! spacing is doubled, up to 16 times. After a full quota's worth of
+//! successes at a slowed rate, the spacing halves again, step by step.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::num::NonZeroU32;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota as GovQuota, RateLimiter};
+use tokio::time::Instant;
+
+/// governor's clock, read from tokio's: the limiter then sleeps on tokio's
+/// timers, and tests can run it on paused time.
+#[derive(Debug, Clone, Copy, Default)]
+struct TokioClock;
+
+impl Clock for TokioClock {
+    type Instant = std::time::Instant;
+    fn now(&self) -> std::time::Instant {
+        Instant::now().into_std()
+    }
+}
+
+type Gcra = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<std::time::Instant>>;
+
+/// The fraction of a quota the limiter aims at: leaves ~1% for jitter.
+const UTILISATION_TARGET: f64 = 0.99;
+/// The slowest a class gets after repeated throttling, as a multiple of its
+/// normal spacing.
+const MAX_SLOWDOWN: u32 = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RateClass {
+    /// Testers list, per project.
+    TestersList,
+    /// Testers list, all projects of the company together.
+    AccountList,
+    RewardsList,
+    PointsList,
+    /// Projects list and show.
+    Betas,
+    /// Every write; no documented limit, so no quota unless given.
+    Writes,
+    /// Reads with no documented limit (show a user, suppressions list).
+    Other,
+}
+
+impl RateClass {
+    pub const ALL: [RateClass; 7] = [
+        RateClass::TestersList,
+        RateClass::AccountList,
+        RateClass::RewardsList,
+        RateClass::PointsList,
+        RateClass::Betas,
+        RateClass::Writes,
+        RateClass::Other,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RateClass::TestersList => "testers-list",
+            RateClass::AccountList => "account-list",
+            RateClass::RewardsList => "rewards-list",
+            RateClass::PointsList => "points-list",
+            RateClass::Betas => "betas",
+            RateClass::Writes => "writes",
+            RateClass::Other => "other",
+        }
+    }
+
+    /// The documented limit, where there is one.
+    pub fn default_quota(self) -> Option<Quota> {
+        let q = |n, secs| Some(Quota::new(n, Duration::from_secs(secs)));
+        match self {
+            RateClass::TestersList => q(60, 60),
+            RateClass::AccountList => q(180, 60),
+            RateClass::RewardsList | RateClass::PointsList => q(60, 60),
+            RateClass::Betas => q(90, 15 * 60),
+            RateClass::Writes | RateClass::Other => None,
+        }
+    }
+
+    /// Whether the quota counts per project (the key's scope) or per company.
+    fn per_project(self) -> bool {
+        matches!(self, RateClass::TestersList)
+    }
+}
+
+impl FromStr for RateClass {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        RateClass::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = RateClass::ALL.iter().map(|c| c.name()).collect();
+                format!("unknown rate class {s:?}; expected one of {}", names.join(", "))
+            })
+    }
+}
+
+/// N requests per period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub count: u32,
+    pub period: Duration,
+}
+
+impl Quota {
+    pub fn new(count: u32, period: Duration) -> Quota {
+        Quota { count, period }
+    }
+
+    /// The spacing between two requests at the target utilisation.
+    pub fn spacing(&self) -> Duration {
+        self.period
+            .div_f64(f64::from(self.count.max(1)) * UTILISATION_TARGET)
+    }
+}
+
+impl fmt::Display for Quota {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.count, humantime::format_duration(self.period))
+    }
+}
+
+/// A `--rate CLASS=N/PERIOD` override, e.g. `testers-list=60/1m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateOverride {
+    pub class: RateClass,
+    pub quota: Quota,
+}
+
+impl FromStr for RateOverride {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = || format!("invalid --rate {s:?}: expected CLASS=N/PERIOD, e.g. testers-list=60/1m");
+        let (class, rest) = s.split_once('=').ok_or_else(usage)?;
+        let (count, period) = rest.split_once('/').ok_or_else(usage)?;
+        let class: RateClass = class.trim().parse()?;
+        let count: u32 = count.trim().parse().map_err(|_| usage())?;
+        if count == 0 {
+            return Err(format!("invalid --rate {s:?}: the count must be at least 1"));
+        }
+        let period = parse_period(period.trim()).ok_or_else(usage)?;
+        Ok(RateOverride {
+            class,
+            quota: Quota::new(count, period),
+        })
+    }
+}
+
+/// `15m`, `1s`, `2h`, `0.5s`, or a bare unit (`m` = `1m`).
+fn parse_period(s: &str) -> Option<Duration> {
+    let unit = s.chars().last()?;
+    let secs = match unit {
+        's' => 1.0,
+        'm' => 60.0,
+        'h' => 3600.0,
+        _ => return None,
+    };
+    let num = &s[..s.len() - 1];
+    let n: f64 = if num.is_empty() { 1.0 } else { num.parse().ok()? };
+    (n > 0.0 && n.is_finite()).then(|| Duration::from_secs_f64(n * secs))
+}
+
+/// One class's gate (for one project, or the whole company).
+struct Gate {
+    quota: Option<Quota>,
+    limiter: RwLock<Option<Arc<Gcra>>>,
+    throttle: Mutex<ThrottleState>,
+}
+
+#[derive(Default)]
+struct ThrottleState {
+    slowdown: u32,
+    paused_until: Option<Instant>,
+    successes: u32,
+}
+
+fn build(quota: Quota, slowdown: u32) -> Arc<Gcra> {
+    let spacing = quota.spacing() * slowdown.max(1);
+    let q = GovQuota::with_period(spacing.max(Duration::from_nanos(1)))
+        .expect("spacing is never zero")
+        .allow_burst(NonZeroU32::MIN);
+    Arc::new(RateLimiter::direct_with_clock(q, TokioClock))
+}
+
+impl Gate {
+    fn new(quota: Option<Quota>) -> Gate {
+        Gate {
+            quota,
+            limiter: RwLock::new(quota.map(|q| build(q, 1))),
+            throttle: Mutex::new(ThrottleState {
+                slowdown: 1,
+                ..Default::default()
+            }),
+        }
+    }
+
+    async fn acquire(&self) {
+        loop {
+            let pause = self.throttle.lock().unwrap().paused_until;
+            if let Some(until) = pause {
+                if until > Instant::now() {
+                    tokio::time::sleep_until(until).await;
+                    continue;
+                }
+            }
+            let limiter = self.limiter.read().unwrap().clone();
+            if let Some(l) = limiter {
+                while let Err(not_until) = l.check() {
+                    tokio::time::sleep(not_until.wait_time_from(TokioClock.now())).await;
+                }
+            }
+            // A throttled answer seen by another worker while this one waited
+            // holds it back too.
+            let pause = self.throttle.lock().unwrap().paused_until;
+            match pause {
+                Some(until) if until > Instant::now() => continue,
+                _ => return,
+            }
+        }
+    }
+
+    fn on_throttled(&self, pause: Duration) {
+        let mut t = self.throttle.lock().unwrap();
+        let until = Instant::now() + pause;
+        if t.paused_until.is_none_or(|p| p < until) {
+            t.paused_until = Some(until);
+        }
+        t.successes = 0;
+        if let Some(q) = self.quota {
+            if t.slowdown < MAX_SLOWDOWN {
+                t.slowdown *= 2;
+                *self.limiter.write().unwrap() = Some(build(q, t.slowdown));
+            }
+        }
+    }
+
+    fn on_success(&self) {
+        let mut t = self.throttle.lock().unwrap();
+        if t.slowdown <= 1 {
+            return;
+        }
+        t.successes += 1;
+        let enough = self.quota.map_or(10, |q| q.count.clamp(1, 60));
+        if t.successes >= enough {
+            t.successes = 0;
+            t.slowdown /= 2;
+            if let Some(q) = self.quota {
+                *self.limiter.write().unwrap() = Some(build(q, t.slowdown));
+            }
+        }
+    }
+
+    fn slowdown(&self) -> u32 {
+        self.throttle.lock().unwrap().slowdown
+    }
+}
+
+/// The run's limiter. Cheap to clone; every clone shares the same gates.
+#[derive(Clone)]
+pub struct Limiter {
+    inner: Arc<LimiterInner>,
+}
+
+struct LimiterInner {
+    quotas: HashMap<RateClass, Option<Quota>>,
+    gates: Mutex<HashMap<(RateClass, String), Arc<Gate>>>,
+}
+
+impl Limiter {
+    pub fn new(overrides: &[RateOverride]) -> Limiter {
+        let mut quotas: HashMap<RateClass, Option<Quota>> = RateClass::ALL
+            .into_iter()
+            .map(|c| (c, c.default_quota()))
+            .collect();
+        for o in overrides {
+            quotas.insert(o.class, Some(o.quota));
+        }
+        Limiter {
+            inner: Arc::new(LimiterInner {
+                quotas,
+                gates: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn quota(&self, class: RateClass) -> Option<Quota> {
+        self.inner.quotas.get(&class).copied().flatten()
+    }
+
+    fn gate(&self, class: RateClass, beta: Option<&str>) -> Arc<Gate> {
+        let scope = if class.per_project() {
+            beta.unwrap_or_default().to_string()
+        } else {
+            String::new()
+        };
+        let mut gates = self.inner.gates.lock().unwrap();
+        gates
+            .entry((class, scope))
+            .or_insert_with(|| Arc::new(Gate::new(self.quota(class))))
+            .clone()
+    }
+
+    /// The gates a request of this class passes: a testers list counts
+    /// against its project's quota and the company's.
+    fn gates_for(&self, class: RateClass, beta: Option<&str>) -> Vec<Arc<Gate>> {
+        let mut v = vec![self.gate(class, beta)];
+        if class == RateClass::TestersList {
+            v.push(self.gate(RateClass::AccountList, beta));
+        }
+        v
+    }
+
+    /// Waits until a request of this class may be sent.
+    pub async fn acquire(&self, class: RateClass, beta: Option<&str>) {
+        for g in self.gates_for(class, beta) {
+            g.acquire().await;
+        }
+    }
+
+    /// A throttled answer: every worker of this class waits `pause`, then
+    /// goes on at a slower rate.
+    pub fn throttled(&self, class: RateClass, beta: Option<&str>, pause: Duration) {
+        for g in self.gates_for(class, beta) {
+            g.on_throttled(pause);
+        }
+    }
+
+    pub fn succeeded(&self, class: RateClass, beta: Option<&str>) {
+        for g in self.gates_for(class, beta) {
+            g.on_success();
+        }
+    }
+
+    /// How much slower than its quota the class runs now (1 = full speed).
+    pub fn slowdown(&self, class: RateClass, beta: Option<&str>) -> u32 {
+        self.gate(class, beta).slowdown()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_overrides() {
+        let o: RateOverride = "testers-list=60/1m".parse().unwrap();
+        assert_eq!(o.class, RateClass::TestersList);
+        assert_eq!(o.quota, Quota::new(60, Duration::from_secs(60)));
+        let o: RateOverride = "betas=90/15m".parse().unwrap();
+        assert_eq!(o.quota.period, Duration::from_secs(900));
+        let o: RateOverride = "writes=20/1s".parse().unwrap();
+        assert_eq!(o.quota, Quota::new(20, Duration::from_secs(1)));
+        assert!("writes=0/1s".parse::<RateOverride>().is_err());
+        assert!("nope=1/1s".parse::<RateOverride>().unwrap_err().contains("testers-list"));
+        assert!("writes=1/1d".parse::<RateOverride>().is_err());
+        assert!("writes=1".parse::<RateOverride>().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn never_more_than_the_quota_in_any_window_and_uses_97_percent() {
+        let limiter = Limiter::new(&["testers-list=60/1m".parse().unwrap()]);
+        let start = Instant::now();
+        let mut times = Vec::new();
+        // Eight workers share it; 200 requests.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..8 {
+            let l = limiter.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    l.acquire(RateClass::TestersList, Some("1")).await;
+                    if tx.send(Instant::now()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        while times.len() < 200 {
+            times.push(rx.recv().await.unwrap() - start);
+        }
+        drop(rx);
+        let window = Duration::from_secs(60);
+        for (i, t) in times.iter().enumerate() {
+            let inside = times[i..].iter().take_while(|u| **u <= *t + window).count();
+            assert!(inside <= 60, "{inside} requests in the window from {t:?}");
+        }
+        let span = times[199] - times[0];
+        let rate = 199.0 / span.as_secs_f64() * 60.0;
+        assert!(rate >= 0.97 * 60.0, "steady rate {rate}/min");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_pauses_every_worker_and_recovers() {
+        let limiter = Limiter::new(&["testers-list=60/1s".parse().unwrap()]);
+        limiter.acquire(RateClass::TestersList, Some("1")).await;
+        limiter.throttled(RateClass::TestersList, Some("1"), Duration::from_secs(5));
+        assert_eq!(limiter.slowdown(RateClass::TestersList, Some("1")), 2);
+        let before = Instant::now();
+        limiter.acquire(RateClass::TestersList, Some("1")).await;
+        assert!(Instant::now() - before >= Duration::from_secs(5));
+        for _ in 0..60 {
+            limiter.succeeded(RateClass::TestersList, Some("1"));
+        }
+        assert_eq!(limiter.slowdown(RateClass::TestersList, Some("1")), 1);
+        // Another project is not affected.
+        assert_eq!(limiter.slowdown(RateClass::TestersList, Some("2")), 1);
+    }
+}

@@ -1,0 +1,3 @@
+//! prefsync: bulk import, export and sync for Prefinery waitlists.
+
+pub mod api;
