@@ -223,7 +223,9 @@ impl Client {
         let window = self
             .limiter
             .quota(class)
-            .map_or(Duration::from_secs(60), |q| q.period.max(Duration::from_secs(60)));
+            .map_or(Duration::from_secs(60), |q| {
+                q.period.max(Duration::from_secs(60))
+            });
         let started = Instant::now();
         let mut throttle_waited = Duration::ZERO;
         let mut throttle_budget = window;
@@ -327,7 +329,12 @@ impl Client {
                     });
                 }
                 throttle_waited += pause;
-                tracing::debug!(op = op.describe(), status = code, pause_ms = pause.as_millis() as u64, "throttled");
+                tracing::debug!(
+                    op = op.describe(),
+                    status = code,
+                    pause_ms = pause.as_millis() as u64,
+                    "throttled"
+                );
                 self.limiter.throttled(class, beta, pause);
                 // Throttling is not a failure of this request: it does not use
                 // up the attempts.
@@ -462,7 +469,13 @@ impl Client {
 
     pub async fn beta(&self, beta: &str) -> Result<Beta, ApiError> {
         let r = self
-            .call(Op::BetaShow, Some(beta), &format!("betas/{beta}.json"), &[], None)
+            .call(
+                Op::BetaShow,
+                Some(beta),
+                &format!("betas/{beta}.json"),
+                &[],
+                None,
+            )
             .await?;
         r.json(Op::BetaShow)
     }

@@ -182,7 +182,8 @@ fn collect_messages(v: &Value, out: &mut Vec<ApiMessage>) {
             } else if let Some(message) = obj.get("message").and_then(Value::as_str) {
                 out.push(ApiMessage {
                     code: obj.get("code").and_then(|c| {
-                        c.as_i64().or_else(|| c.as_str().and_then(|s| s.parse().ok()))
+                        c.as_i64()
+                            .or_else(|| c.as_str().and_then(|s| s.parse().ok()))
                     }),
                     message: message.to_string(),
                 });
@@ -340,7 +341,8 @@ mod tests {
 
     #[test]
     fn parses_every_documented_error_shape() {
-        let m = ApiMessages::parse(br#"{"errors":[{"code":2702,"message":"Email already exists."}]}"#);
+        let m =
+            ApiMessages::parse(br#"{"errors":[{"code":2702,"message":"Email already exists."}]}"#);
         assert_eq!(m.to_string(), "Email already exists. (code 2702)");
         assert!(m.has_code(2702));
         let m = ApiMessages::parse(br#"{"errors":["Email is invalid","Status is bad"]}"#);

@@ -110,7 +110,10 @@ impl FromStr for RateClass {
             .find(|c| c.name() == s)
             .ok_or_else(|| {
                 let names: Vec<_> = RateClass::ALL.iter().map(|c| c.name()).collect();
-                format!("unknown rate class {s:?}; expected one of {}", names.join(", "))
+                format!(
+                    "unknown rate class {s:?}; expected one of {}",
+                    names.join(", ")
+                )
             })
     }
 }
@@ -136,7 +139,12 @@ impl Quota {
 
 impl fmt::Display for Quota {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.count, humantime::format_duration(self.period))
+        write!(
+            f,
+            "{}/{}",
+            self.count,
+            humantime::format_duration(self.period)
+        )
     }
 }
 
@@ -150,13 +158,16 @@ pub struct RateOverride {
 impl FromStr for RateOverride {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let usage = || format!("invalid --rate {s:?}: expected CLASS=N/PERIOD, e.g. testers-list=60/1m");
+        let usage =
+            || format!("invalid --rate {s:?}: expected CLASS=N/PERIOD, e.g. testers-list=60/1m");
         let (class, rest) = s.split_once('=').ok_or_else(usage)?;
         let (count, period) = rest.split_once('/').ok_or_else(usage)?;
         let class: RateClass = class.trim().parse()?;
         let count: u32 = count.trim().parse().map_err(|_| usage())?;
         if count == 0 {
-            return Err(format!("invalid --rate {s:?}: the count must be at least 1"));
+            return Err(format!(
+                "invalid --rate {s:?}: the count must be at least 1"
+            ));
         }
         let period = parse_period(period.trim()).ok_or_else(usage)?;
         Ok(RateOverride {
@@ -176,7 +187,11 @@ fn parse_period(s: &str) -> Option<Duration> {
         _ => return None,
     };
     let num = &s[..s.len() - 1];
-    let n: f64 = if num.is_empty() { 1.0 } else { num.parse().ok()? };
+    let n: f64 = if num.is_empty() {
+        1.0
+    } else {
+        num.parse().ok()?
+    };
     (n > 0.0 && n.is_finite()).then(|| Duration::from_secs_f64(n * secs))
 }
 
@@ -371,7 +386,12 @@ mod tests {
         let o: RateOverride = "writes=20/1s".parse().unwrap();
         assert_eq!(o.quota, Quota::new(20, Duration::from_secs(1)));
         assert!("writes=0/1s".parse::<RateOverride>().is_err());
-        assert!("nope=1/1s".parse::<RateOverride>().unwrap_err().contains("testers-list"));
+        assert!(
+            "nope=1/1s"
+                .parse::<RateOverride>()
+                .unwrap_err()
+                .contains("testers-list")
+        );
         assert!("writes=1/1d".parse::<RateOverride>().is_err());
         assert!("writes=1".parse::<RateOverride>().is_err());
     }

@@ -1,0 +1,140 @@
+//! Command-line flags. clap types live here only; `config` turns them into
+//! plain settings that the core takes.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::api::RateOverride;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "prefsync",
+    version,
+    about = "Bulk import, export and sync for Prefinery waitlists",
+    long_about = "Bulk import, export and sync for Prefinery waitlists, through the REST API v2.\n\n\
+The API key comes from PREFINERY_API_KEY or --api-key-file; it is never taken as a flag \
+(it would show in `ps`), never put in a URL, and never printed."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Read the API key from the first line of this file (instead of PREFINERY_API_KEY).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub api_key_file: Option<PathBuf>,
+
+    /// The API's base URL. Plain http:// is accepted only for loopback hosts (the sandbox).
+    #[arg(
+        long,
+        global = true,
+        env = "PREFINERY_BASE_URL",
+        value_name = "URL",
+        default_value = "https://api.prefinery.com/api/v2"
+    )]
+    pub base_url: String,
+
+    /// The project: its numeric API Beta ID or its project UID (Settings > General).
+    #[arg(long, global = true, env = "PREFINERY_BETA", value_name = "ID")]
+    pub beta: Option<String>,
+
+    /// Override a rate quota, e.g. testers-list=60/1m, betas=90/15m, writes=20/1s. Repeatable.
+    #[arg(long = "rate", global = true, value_name = "CLASS=N/PERIOD")]
+    pub rates: Vec<RateOverride>,
+
+    /// More logging (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Only errors; no progress.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Verify the key and the project, and list which permissions the key has.
+    Check,
+    /// List the company's projects.
+    Betas,
+    /// Run a Prefinery-compatible sandbox server for rehearsals and tests.
+    Sandbox(SandboxArgs),
+    /// Run the whole job on an embedded sandbox: no key, no network needed.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    /// Port to listen on (0 = any free port).
+    #[arg(long, default_value_t = 8787)]
+    pub port: u16,
+    /// Write the port here once listening.
+    #[arg(long, value_name = "PATH")]
+    pub port_file: Option<PathBuf>,
+    /// Keys and their permissions (TOML or JSON); default: `sandbox-key` with every permission.
+    #[arg(long, value_name = "FILE")]
+    pub keys: Option<PathBuf>,
+    /// Multiply the documented rate limits (60 turns 60/min into 60/s); 0 turns them off.
+    #[arg(long, default_value_t = 1.0)]
+    pub rate_scale: f64,
+    /// The status a throttled request gets.
+    #[arg(long, default_value_t = 503, value_parser = parse_throttle_status)]
+    pub throttle_status: u16,
+    /// Send Retry-After with this many seconds on throttled answers.
+    #[arg(long, value_name = "SECONDS")]
+    pub retry_after: Option<u64>,
+    /// Seed for fault injection.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Probability of a 5xx before the request is applied.
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_rate: f64,
+    /// Probability that a write is applied and then answered by a 5xx or a dropped connection.
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_after_write_rate: f64,
+    /// Probability that the connection drops before the request is applied.
+    #[arg(long, default_value_t = 0.0)]
+    pub drop_rate: f64,
+    /// Added latency per request, MIN:MAX in milliseconds.
+    #[arg(long, value_name = "MIN:MAX")]
+    pub latency_ms: Option<String>,
+    /// Seed project 1 with users user{i}@example.com (plus rewards, points, suppressions).
+    #[arg(long, default_value_t = 0)]
+    pub seed_testers: usize,
+    /// Persist the state to this SQLite file (in memory by default).
+    #[arg(long, value_name = "PATH")]
+    pub state: Option<PathBuf>,
+    /// Add a total_count key to X-Pagination (the real key's name is unknown).
+    #[arg(long)]
+    pub total_key: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Where the demo writes its reports and exports.
+    #[arg(long, default_value = "prefsync-demo")]
+    pub dir: PathBuf,
+}
+
+fn parse_throttle_status(s: &str) -> Result<u16, String> {
+    match s {
+        "503" => Ok(503),
+        "429" => Ok(429),
+        _ => Err("expected 503 or 429".into()),
+    }
+}

@@ -1,0 +1,259 @@
+//! `prefsync check`: verifies the key and the project and lists, for every
+//! permission prefsync uses, whether the key has it. Changes nothing: writes
+//! are probed with bodies that fail validation (403 means missing, a
+//! validation or not-found answer means granted).
+
+use std::fmt;
+
+use serde_json::json;
+
+use crate::api::{ApiError, Beta, Client, Op};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grant {
+    Granted,
+    Missing,
+    Unknown(String),
+}
+
+impl fmt::Display for Grant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Grant::Granted => f.write_str("granted"),
+            Grant::Missing => f.write_str("missing"),
+            Grant::Unknown(why) => write!(f, "unknown ({why})"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct CheckReport {
+    pub beta: String,
+    pub project: Option<Beta>,
+    pub permissions: Vec<(&'static str, Grant)>,
+    /// Why the key does not work for the project, if it does not.
+    pub failure: Option<ApiError>,
+}
+
+impl CheckReport {
+    pub fn works(&self) -> bool {
+        self.failure.is_none()
+    }
+
+    pub fn grant(&self, permission: &str) -> Option<&Grant> {
+        self.permissions
+            .iter()
+            .find(|(p, _)| *p == permission)
+            .map(|(_, g)| g)
+    }
+}
+
+impl fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.project {
+            Some(p) => {
+                writeln!(
+                    f,
+                    "project: {} (id {}, --beta {})",
+                    p.name.as_deref().unwrap_or("(no name)"),
+                    p.id,
+                    self.beta
+                )?;
+                let n = |k: &str| p.extra.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+                writeln!(
+                    f,
+                    "users: {} (imported {}, applied {}, invited {}, active {}, rejected {})",
+                    p.testers_count.unwrap_or(0),
+                    n("imported_testers_count"),
+                    n("applied_testers_count"),
+                    n("invited_testers_count"),
+                    n("active_testers_count"),
+                    n("rejected_testers_count"),
+                )?;
+            }
+            None => writeln!(
+                f,
+                "project: --beta {} (details not readable with this key)",
+                self.beta
+            )?,
+        }
+        writeln!(f, "permissions:")?;
+        for (name, g) in &self.permissions {
+            writeln!(f, "  {name:<30} {g}")?;
+        }
+        if let Some(e) = &self.failure {
+            writeln!(f, "error: {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What one probe's answer says of the permission.
+fn grant_of(result: Result<(), ApiError>) -> Grant {
+    match result {
+        Ok(()) => Grant::Granted,
+        Err(ApiError::Forbidden { .. }) => Grant::Missing,
+        // The call passed the permission check and failed on its content.
+        Err(ApiError::Rejected {
+            status: 400 | 422, ..
+        })
+        | Err(ApiError::NotFound { .. }) => Grant::Granted,
+        Err(e) => Grant::Unknown(e.to_string()),
+    }
+}
+
+pub async fn check(client: &Client, beta: &str) -> CheckReport {
+    let mut report = CheckReport {
+        beta: beta.to_string(),
+        project: None,
+        permissions: Vec::new(),
+        failure: None,
+    };
+    let base = format!("betas/{beta}");
+    let probe_email = vec![(
+        "email".to_string(),
+        "prefsync-check@invalid.example".to_string(),
+    )];
+    let empty = json!({});
+
+    let show = client.beta(beta).await;
+    let (projects_read, mut fatal) = match show {
+        Ok(b) => {
+            report.project = Some(b);
+            (Grant::Granted, None)
+        }
+        Err(e @ ApiError::Forbidden { .. }) => (grant_of(Err(e)), None),
+        Err(e) => (
+            Grant::Unknown("the project could not be read".into()),
+            Some(e),
+        ),
+    };
+    report.permissions.push(("Projects > Read", projects_read));
+
+    if fatal.is_none() {
+        let q = vec![(
+            "email_is".to_string(),
+            "prefsync-check@invalid.example".to_string(),
+        )];
+        let r = client
+            .call(
+                Op::TestersList,
+                Some(beta),
+                &format!("{base}/testers.json"),
+                &q,
+                None,
+            )
+            .await;
+        match r {
+            Err(
+                e @ (ApiError::Unauthorized { .. }
+                | ApiError::PaymentRequired { .. }
+                | ApiError::ProjectNotFound { .. }),
+            ) => fatal = Some(e),
+            r => report
+                .permissions
+                .push(("Users > Read", grant_of(r.map(|_| ())))),
+        }
+    }
+    if let Some(e) = fatal {
+        report.failure = Some(e);
+        return report;
+    }
+
+    let probes: Vec<(
+        &'static str,
+        Op,
+        String,
+        Vec<(String, String)>,
+        Option<serde_json::Value>,
+    )> = vec![
+        (
+            "Users > Create",
+            Op::TesterCreate,
+            format!("{base}/testers.json"),
+            vec![],
+            Some(json!({"tester": {"email": ""}})),
+        ),
+        (
+            "Users > Update",
+            Op::TesterUpdate,
+            format!("{base}/testers/0.json"),
+            vec![],
+            Some(json!({"tester": {}})),
+        ),
+        (
+            "Users > Delete",
+            Op::TesterDelete,
+            format!("{base}/testers/0.json"),
+            vec![],
+            None,
+        ),
+        (
+            "Points > Create",
+            Op::PointCreate,
+            format!("{base}/points.json"),
+            vec![],
+            Some(empty.clone()),
+        ),
+        (
+            "Points (list)",
+            Op::PointsList,
+            format!("{base}/points.json"),
+            probe_email.clone(),
+            None,
+        ),
+        (
+            "Rewards > Read",
+            Op::RewardsList,
+            format!("{base}/rewards.json"),
+            probe_email.clone(),
+            None,
+        ),
+        (
+            "Rewards > Create",
+            Op::RewardCreate,
+            format!("{base}/rewards.json"),
+            vec![],
+            Some(empty.clone()),
+        ),
+        (
+            "Rewards > Update",
+            Op::RewardUpdate,
+            format!("{base}/rewards/0.json"),
+            vec![],
+            Some(empty.clone()),
+        ),
+        (
+            "Email Suppressions > Read",
+            Op::SuppressionsList,
+            format!("{base}/suppressions.json"),
+            probe_email.clone(),
+            None,
+        ),
+        (
+            "Email Suppressions > Create",
+            Op::SuppressionCreate,
+            format!("{base}/suppressions.json"),
+            vec![],
+            Some(empty.clone()),
+        ),
+        (
+            "Email Suppressions > Delete",
+            Op::SuppressionDelete,
+            format!("{base}/suppressions/0.json"),
+            vec![],
+            None,
+        ),
+    ];
+    for (name, op, path, query, body) in probes {
+        let r = client
+            .call(op, Some(beta), &path, &query, body.as_ref())
+            .await;
+        report.permissions.push((name, grant_of(r.map(|_| ()))));
+    }
+    report.permissions.push((
+        "Projects > Delete",
+        Grant::Unknown("not probed: prefsync never deletes projects".into()),
+    ));
+    report
+}

@@ -1,0 +1,81 @@
+//! `prefsync sandbox`: the sandbox server as a process.
+
+use anyhow::Context;
+
+use crate::cli::SandboxArgs;
+use crate::exit::usage;
+use crate::sandbox::{Keys, Sandbox, SandboxConfig};
+
+pub fn config_from_args(a: &SandboxArgs) -> anyhow::Result<SandboxConfig> {
+    let keys = match &a.keys {
+        Some(p) => Keys::from_file(p).map_err(|e| usage(format!("{e:#}")))?,
+        None => Keys::default(),
+    };
+    let latency_ms = match &a.latency_ms {
+        None => None,
+        Some(s) => {
+            let parsed = s
+                .split_once(':')
+                .and_then(|(lo, hi)| Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?)));
+            match parsed {
+                Some((lo, hi)) if lo <= hi => Some((lo, hi)),
+                _ => {
+                    return Err(usage(format!(
+                        "invalid --latency-ms {s:?}: expected MIN:MAX in milliseconds, e.g. 5:20"
+                    )));
+                }
+            }
+        }
+    };
+    for (name, p) in [
+        ("--fail-rate", a.fail_rate),
+        ("--fail-after-write-rate", a.fail_after_write_rate),
+        ("--drop-rate", a.drop_rate),
+    ] {
+        if !(0.0..=1.0).contains(&p) {
+            return Err(usage(format!(
+                "invalid {name} {p}: expected a probability from 0 to 1"
+            )));
+        }
+    }
+    if a.rate_scale < 0.0 || !a.rate_scale.is_finite() {
+        return Err(usage(
+            "invalid --rate-scale: expected 0 (off) or a positive factor",
+        ));
+    }
+    Ok(SandboxConfig {
+        keys,
+        rate_scale: a.rate_scale,
+        throttle_status: a.throttle_status,
+        retry_after: a.retry_after,
+        seed: a.seed,
+        fail_rate: a.fail_rate,
+        fail_after_write_rate: a.fail_after_write_rate,
+        drop_rate: a.drop_rate,
+        latency_ms,
+        seed_testers: a.seed_testers,
+        state_path: a.state.clone(),
+        total_key: a.total_key,
+    })
+}
+
+pub async fn run(a: &SandboxArgs) -> anyhow::Result<()> {
+    let config = config_from_args(a)?;
+    let sandbox = Sandbox::start(config, a.port)
+        .await
+        .with_context(|| format!("failed to start the sandbox on port {}", a.port))?;
+    if let Some(p) = &a.port_file {
+        // Written whole, then renamed: a reader never sees a partial number.
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, sandbox.addr.port().to_string())
+            .and_then(|_| std::fs::rename(&tmp, p))
+            .with_context(|| format!("failed to write the port file {}", p.display()))?;
+    }
+    eprintln!(
+        "sandbox listening on {} (projects 1 = a9b8c7de and 2 = b7c6d5e4; default key: sandbox-key). Ctrl-C stops it.",
+        sandbox.base_url()
+    );
+    tokio::signal::ctrl_c().await.ok();
+    sandbox.shutdown().await;
+    Ok(())
+}

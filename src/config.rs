@@ -1,0 +1,150 @@
+//! Turns flags and environment into plain settings, and checks them before
+//! any work starts. Every problem here is a usage error (exit 2).
+
+use std::path::Path;
+
+use url::Url;
+
+use crate::api::{ApiKey, Client, Limiter, RateOverride, RetryPolicy};
+use crate::cli::GlobalArgs;
+use crate::exit::usage;
+
+/// Where and as whom to talk to Prefinery.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    pub base_url: Url,
+    pub key: ApiKey,
+    pub beta: Option<String>,
+    pub rates: Vec<RateOverride>,
+}
+
+impl Connection {
+    pub fn from_args(g: &GlobalArgs) -> anyhow::Result<Connection> {
+        let key = match &g.api_key_file {
+            Some(path) => read_key_file(path)?,
+            None => match std::env::var("PREFINERY_API_KEY") {
+                Ok(k) if !k.trim().is_empty() => ApiKey::new(k),
+                _ => {
+                    return Err(usage(
+                        "no API key: set PREFINERY_API_KEY or pass --api-key-file PATH. \
+                         hint: create a key under Company Settings > API Keys",
+                    ));
+                }
+            },
+        };
+        let base_url = parse_base_url(&g.base_url)?;
+        let beta = g.beta.as_deref().map(check_beta).transpose()?;
+        Ok(Connection {
+            base_url,
+            key,
+            beta,
+            rates: g.rates.clone(),
+        })
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(
+            self.base_url.clone(),
+            self.key.clone(),
+            Limiter::new(&self.rates),
+            RetryPolicy::default(),
+        )
+    }
+
+    pub fn require_beta(&self) -> anyhow::Result<&str> {
+        self.beta.as_deref().ok_or_else(|| {
+            usage("no project given: pass --beta ID (the numeric API Beta ID or the project UID) or set PREFINERY_BETA")
+        })
+    }
+}
+
+fn read_key_file(path: &Path) -> anyhow::Result<ApiKey> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        usage(format!(
+            "failed to read the API key file {}: {e}",
+            path.display()
+        ))
+    })?;
+    let first = text.lines().next().unwrap_or("").trim();
+    if first.is_empty() {
+        return Err(usage(format!(
+            "the API key file {} is empty: put the key on its first line",
+            path.display()
+        )));
+    }
+    Ok(ApiKey::new(first))
+}
+
+/// The base URL, refusing plain HTTP except on loopback (where the sandbox
+/// runs): the key would otherwise cross the network in clear text.
+pub fn parse_base_url(s: &str) -> anyhow::Result<Url> {
+    let url = Url::parse(s).map_err(|e| usage(format!("invalid --base-url {s:?}: {e}")))?;
+    if url.query().is_some() || !url.username().is_empty() || url.password().is_some() {
+        return Err(usage(format!(
+            "invalid --base-url {s:?}: it must not carry a query or credentials (the key goes in a header)"
+        )));
+    }
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" => {
+            let loopback = match url.host() {
+                Some(url::Host::Domain(d)) => d == "localhost",
+                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                None => false,
+            };
+            if loopback {
+                Ok(url)
+            } else {
+                Err(usage(format!(
+                    "refusing plain http:// for {s:?}: the API key would travel unencrypted. \
+                     Use https://, or a loopback address for the sandbox"
+                )))
+            }
+        }
+        other => Err(usage(format!(
+            "invalid --base-url {s:?}: unsupported scheme {other:?}"
+        ))),
+    }
+}
+
+/// A beta is a numeric id or a UID: letters, digits, `-` and `_` only, so it
+/// is safe in a URL path.
+pub fn check_beta(s: &str) -> anyhow::Result<String> {
+    let s = s.trim();
+    if s.is_empty()
+        || s.len() > 64
+        || !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(usage(format!(
+            "invalid --beta {s:?}: expected the numeric API Beta ID or the project UID (e.g. a9b8c7de)"
+        )));
+    }
+    Ok(s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_only_on_loopback() {
+        assert!(parse_base_url("http://127.0.0.1:8787/api/v2").is_ok());
+        assert!(parse_base_url("http://localhost/api/v2").is_ok());
+        assert!(parse_base_url("http://[::1]:1/api/v2").is_ok());
+        assert!(parse_base_url("https://api.prefinery.com/api/v2").is_ok());
+        let err = parse_base_url("http://api.prefinery.com/api/v2").unwrap_err();
+        assert!(err.to_string().contains("unencrypted"));
+        assert!(parse_base_url("https://x.io/api?api_key=1").is_err());
+    }
+
+    #[test]
+    fn beta_ids_and_uids() {
+        assert_eq!(check_beta("12345").unwrap(), "12345");
+        assert_eq!(check_beta("a9b8c7de").unwrap(), "a9b8c7de");
+        assert!(check_beta("../1").is_err());
+        assert!(check_beta("").is_err());
+    }
+}
