@@ -102,6 +102,9 @@ fn grant_of(result: Result<(), ApiError>) -> Grant {
     }
 }
 
+/// One permission probe: its name, the call, and what to send.
+struct Probe(&'static str, Op, String, Vec<(String, String)>, Option<serde_json::Value>);
+
 pub async fn check(client: &Client, beta: &str) -> CheckReport {
     let mut report = CheckReport {
         beta: beta.to_string(),
@@ -160,92 +163,75 @@ pub async fn check(client: &Client, beta: &str) -> CheckReport {
         return report;
     }
 
-    let probes: Vec<(
-        &'static str,
-        Op,
-        String,
-        Vec<(String, String)>,
-        Option<serde_json::Value>,
-    )> = vec![
-        (
-            "Users > Create",
+    let probes: Vec<Probe> = vec![
+        Probe("Users > Create",
             Op::TesterCreate,
             format!("{base}/testers.json"),
             vec![],
             Some(json!({"tester": {"email": ""}})),
         ),
-        (
-            "Users > Update",
+        Probe("Users > Update",
             Op::TesterUpdate,
             format!("{base}/testers/0.json"),
             vec![],
             Some(json!({"tester": {}})),
         ),
-        (
-            "Users > Delete",
+        Probe("Users > Delete",
             Op::TesterDelete,
             format!("{base}/testers/0.json"),
             vec![],
             None,
         ),
-        (
-            "Points > Create",
+        Probe("Points > Create",
             Op::PointCreate,
             format!("{base}/points.json"),
             vec![],
             Some(empty.clone()),
         ),
-        (
-            "Points (list)",
+        Probe("Points (list)",
             Op::PointsList,
             format!("{base}/points.json"),
             probe_email.clone(),
             None,
         ),
-        (
-            "Rewards > Read",
+        Probe("Rewards > Read",
             Op::RewardsList,
             format!("{base}/rewards.json"),
             probe_email.clone(),
             None,
         ),
-        (
-            "Rewards > Create",
+        Probe("Rewards > Create",
             Op::RewardCreate,
             format!("{base}/rewards.json"),
             vec![],
             Some(empty.clone()),
         ),
-        (
-            "Rewards > Update",
+        Probe("Rewards > Update",
             Op::RewardUpdate,
             format!("{base}/rewards/0.json"),
             vec![],
             Some(empty.clone()),
         ),
-        (
-            "Email Suppressions > Read",
+        Probe("Email Suppressions > Read",
             Op::SuppressionsList,
             format!("{base}/suppressions.json"),
             probe_email.clone(),
             None,
         ),
-        (
-            "Email Suppressions > Create",
+        Probe("Email Suppressions > Create",
             Op::SuppressionCreate,
             format!("{base}/suppressions.json"),
             vec![],
             Some(empty.clone()),
         ),
-        (
-            "Email Suppressions > Delete",
+        Probe("Email Suppressions > Delete",
             Op::SuppressionDelete,
             format!("{base}/suppressions/0.json"),
             vec![],
             None,
         ),
     ];
-    for (name, op, path, query, body) in probes {
+    for Probe(name, op, path, query, body) in probes {
         let r = client
             .call(op, Some(beta), &path, &query, body.as_ref())
             .await;

@@ -298,7 +298,7 @@ fn route(method: &Method, path: &str) -> Option<Route> {
 
 /// Reads a JSON or form-encoded body. A write that is neither gets the 500
 /// the docs warn about.
-fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, Response> {
+fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, Refusal> {
     let ctype = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -308,7 +308,7 @@ fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, Response> {
             return Ok(json!({}));
         }
         return serde_json::from_slice(body)
-            .map_err(|_| error_response(400, None, "The request body is not valid JSON."));
+            .map_err(|_| Refusal::new(400, None, "The request body is not valid JSON."));
     }
     if ctype.starts_with("application/x-www-form-urlencoded") {
         let mut root = Map::new();
@@ -320,7 +320,7 @@ fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, Response> {
     if body.is_empty() {
         return Ok(json!({}));
     }
-    Err(error_response(500, None, "A general error has occurred."))
+    Err(Refusal::new(500, None, "A general error has occurred."))
 }
 
 /// `a[b][c]=v` into `{"a":{"b":{"c":v}}}`.
@@ -475,7 +475,7 @@ async fn handle(
     let input = if matches!(*method, Method::POST | Method::PUT) {
         match parse_body(headers, body) {
             Ok(v) => v,
-            Err(resp) => return resp,
+            Err(r) => return error_response(r.status, r.code, &r.message),
         }
     } else {
         Value::Null

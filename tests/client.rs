@@ -1,0 +1,250 @@
+//! The client against scripted servers (wiremock) where exact requests and
+//! answer sequences matter.
+
+mod common;
+
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use prefsync::api::{ApiError, Op, Tester, TesterInput};
+use serde_json::{Value, json};
+use wiremock::matchers::{body_json, header, method, path, query_param};
+use wiremock::{Mock, MockServer, Respond, ResponseTemplate};
+
+fn tester(id: u64) -> Value {
+    json!({"id": id, "email": format!("u{id}@x.io"), "status": "applied"})
+}
+
+fn page_json(from: u64, n: u64) -> Value {
+    Value::Array((from..from + n).map(tester).collect())
+}
+
+fn pag(page: u64, next: Option<u64>) -> String {
+    json!({"previous_page": null, "next_page": next, "current_page": page, "per_page": 25, "count": 25, "pages": 3}).to_string()
+}
+
+async fn collect(server: &MockServer) -> Result<Vec<u64>, ApiError> {
+    let c = common::client_for(&format!("{}/api/v2", server.uri()), "k3y-secret", &[]);
+    let pages: Vec<prefsync::api::Page<Tester>> = c
+        .pages(Op::TestersList, Some("1".into()), "betas/1/testers.json".into(), vec![], 1)
+        .try_collect()
+        .await?;
+    Ok(pages.into_iter().flat_map(|p| p.items).map(|t| t.id).collect())
+}
+
+#[tokio::test]
+async fn sends_basic_auth_json_and_wrapped_tester_body() {
+    let server = MockServer::start().await;
+    // base64("k3y-secret:")
+    Mock::given(method("POST"))
+        .and(path("/api/v2/betas/a9b8c7de/testers.json"))
+        .and(header("authorization", "Basic azN5LXNlY3JldDo="))
+        .and(header("content-type", "application/json"))
+        .and(body_json(json!({"tester": {"email": "a@x.io", "status": "imported", "profile": {"first_name": "A"}}})))
+        .respond_with(ResponseTemplate::new(201).set_body_json(tester(7)))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let c = common::client_for(&format!("{}/api/v2", server.uri()), "k3y-secret", &[]);
+    let mut input = TesterInput {
+        email: Some("a@x.io".into()),
+        status: Some("imported".into()),
+        ..Default::default()
+    };
+    input.profile.insert("first_name".into(), "A".into());
+    let t = c.create_tester("a9b8c7de", &input).await.unwrap();
+    assert_eq!(t.id, 7);
+    // The key is never in a URL.
+    for r in server.received_requests().await.unwrap() {
+        assert!(!r.url.as_str().contains("k3y-secret"));
+    }
+}
+
+#[tokio::test]
+async fn pages_until_next_page_is_null() {
+    let server = MockServer::start().await;
+    for (p, next) in [(1, Some(2)), (2, Some(3)), (3, None)] {
+        Mock::given(path("/api/v2/betas/1/testers.json"))
+            .and(query_param("page", p.to_string()))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(page_json((p - 1) * 25 + 1, 25))
+                    .insert_header("X-Pagination", pag(p, next)),
+            )
+            .expect(1)
+            .mount(&server)
+            .await;
+    }
+    let ids = collect(&server).await.unwrap();
+    assert_eq!(ids, (1..=75).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn empty_first_page_yields_nothing() {
+    let server = MockServer::start().await;
+    Mock::given(path("/api/v2/betas/1/testers.json"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!([])).insert_header("X-Pagination", pag(1, Some(2))))
+        .expect(1)
+        .mount(&server)
+        .await;
+    assert!(collect(&server).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn without_the_header_a_short_page_is_the_last() {
+    let server = MockServer::start().await;
+    Mock::given(path("/api/v2/betas/1/testers.json"))
+        .and(query_param("page", "1"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(page_json(1, 25)))
+        .mount(&server)
+        .await;
+    Mock::given(path("/api/v2/betas/1/testers.json"))
+        .and(query_param("page", "2"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(page_json(26, 3)))
+        .mount(&server)
+        .await;
+    Mock::given(path("/api/v2/betas/1/testers.json"))
+        .and(query_param("page", "3"))
+        .respond_with(ResponseTemplate::new(500))
+        .expect(0)
+        .mount(&server)
+        .await;
+    assert_eq!(collect(&server).await.unwrap().len(), 28);
+}
+
+#[tokio::test]
+async fn without_the_header_a_full_page_then_an_empty_one_ends() {
+    let server = MockServer::start().await;
+    Mock::given(path("/api/v2/betas/1/testers.json"))
+        .and(query_param("page", "1"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(page_json(1, 25)))
+        .mount(&server)
+        .await;
+    Mock::given(path("/api/v2/betas/1/testers.json"))
+        .and(query_param("page", "2"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!([])))
+        .mount(&server)
+        .await;
+    assert_eq!(collect(&server).await.unwrap().len(), 25);
+}
+
+#[tokio::test]
+async fn a_failure_mid_way_is_an_error_after_retries() {
+    let server = MockServer::start().await;
+    Mock::given(path("/api/v2/betas/1/testers.json"))
+        .and(query_param("page", "1"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(page_json(1, 25)).insert_header("X-Pagination", pag(1, Some(2))))
+        .mount(&server)
+        .await;
+    Mock::given(path("/api/v2/betas/1/testers.json"))
+        .and(query_param("page", "2"))
+        .respond_with(ResponseTemplate::new(502).set_body_string("<html>Bad gateway</html>"))
+        .expect(8)
+        .mount(&server)
+        .await;
+    let err = collect(&server).await.unwrap_err();
+    assert!(matches!(err, ApiError::Server { status: 502, attempts: 8, .. }), "{err}");
+    assert!(err.to_string().contains("Bad gateway"));
+}
+
+/// Answers with the given statuses in order, then 200.
+struct Sequence {
+    statuses: Vec<(u16, Option<&'static str>)>,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl Respond for Sequence {
+    fn respond(&self, _: &wiremock::Request) -> ResponseTemplate {
+        let i = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        match self.statuses.get(i) {
+            Some((s, retry_after)) => {
+                let mut r = ResponseTemplate::new(*s).set_body_json(json!({"errors": [{"message": "slow down"}]}));
+                if let Some(ra) = retry_after {
+                    r = r.insert_header("Retry-After", *ra);
+                }
+                r
+            }
+            None => ResponseTemplate::new(200).set_body_json(json!({"id": 1, "name": "P"})),
+        }
+    }
+}
+
+async fn throttled_then_ok(statuses: Vec<(u16, Option<&'static str>)>) -> (Duration, u64) {
+    let server = MockServer::start().await;
+    let n = statuses.len();
+    Mock::given(path("/api/v2/betas/1.json"))
+        .respond_with(Sequence { statuses, calls: Default::default() })
+        .expect(n as u64 + 1)
+        .mount(&server)
+        .await;
+    let c = common::client_for(&format!("{}/api/v2", server.uri()), "k", &["betas=1000/1s"]);
+    let start = std::time::Instant::now();
+    let b = c.beta("1").await.unwrap();
+    assert_eq!(b.id, 1);
+    (start.elapsed(), c.stats().throttled.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+#[tokio::test]
+async fn throttling_by_503_and_429_is_retried() {
+    let (_, throttled) = throttled_then_ok(vec![(503, None), (429, None), (503, None)]).await;
+    assert_eq!(throttled, 3);
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let (took, _) = throttled_then_ok(vec![(429, Some("1"))]).await;
+    assert!(took >= Duration::from_millis(950), "waited only {took:?}");
+    // Zero means no hint: the backoff applies, which is short here.
+    let (took, _) = throttled_then_ok(vec![(503, Some("0"))]).await;
+    assert!(took < Duration::from_millis(900), "waited {took:?}");
+}
+
+#[tokio::test]
+async fn a_create_answered_by_5xx_is_an_unknown_outcome_and_not_resent() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(500))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let c = common::client_for(&format!("{}/api/v2", server.uri()), "k", &[]);
+    let input = TesterInput { email: Some("a@x.io".into()), ..Default::default() };
+    let err = c.create_tester("1", &input).await.unwrap_err();
+    assert!(matches!(err, ApiError::OutcomeUnknown { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn every_error_class_has_its_message() {
+    let server = MockServer::start().await;
+    let cases: Vec<(u16, &str, Value)> = vec![
+        (401, "betas/1.json", json!({"error": "bad key"})),
+        (402, "betas/2.json", json!({})),
+        (403, "betas/3/testers/5.json", json!({"errors": ["no"]})),
+        (404, "betas/4/testers.json", json!({})),
+        (404, "betas/5/testers/9.json", json!({"errors": [{"message": "Tester not found."}]})),
+        (422, "betas/6/testers/9.json", json!({"errors": [{"code": 2702, "message": "Email already exists."}]})),
+    ];
+    for (status, p, body) in &cases {
+        Mock::given(path(format!("/api/v2/{p}")))
+            .respond_with(ResponseTemplate::new(*status).set_body_json(body.clone()))
+            .mount(&server)
+            .await;
+    }
+    let c = common::client_for(&format!("{}/api/v2", server.uri()), "k", &[]);
+    let e = c.beta("1").await.unwrap_err();
+    assert!(e.to_string().contains("key was rejected (HTTP 401); it is wrong, expired or deleted"), "{e}");
+    let e = c.beta("2").await.unwrap_err();
+    assert!(e.to_string().contains("plan does not include API access"), "{e}");
+    let e = c.call(Op::TesterShow, Some("3"), "betas/3/testers/5.json", &[], None).await.unwrap_err();
+    assert!(e.to_string().contains("this API key lacks Users > Read; edit it under Company Settings > API Keys"), "{e}");
+    let e = c.call(Op::TestersList, Some("4"), "betas/4/testers.json", &[], None).await.unwrap_err();
+    assert!(e.to_string().contains("check --beta"), "{e}");
+    let e = c.call(Op::TesterShow, Some("5"), "betas/5/testers/9.json", &[], None).await.unwrap_err();
+    assert!(matches!(e, ApiError::NotFound { .. }) && e.to_string().contains("Tester not found."), "{e}");
+    let e = c
+        .update_tester("6", 9, &TesterInput { status: Some("applied".into()), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("HTTP 422): Email already exists. (code 2702)"), "{e}");
+    assert!(!e.is_retryable());
+}
