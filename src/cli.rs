@@ -5,7 +5,12 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use std::time::Duration;
+
 use crate::api::RateOverride;
+use crate::import::input::Encoding;
+use crate::import::mapping::EmptyCells;
+use crate::import::{Mode, Resolve};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -76,6 +81,104 @@ pub enum Command {
     Sandbox(SandboxArgs),
     /// Run the whole job on an embedded sandbox: no key, no network needed.
     Demo(DemoArgs),
+    /// Import users from a CSV file (create and update, resumable).
+    Import(ImportCmd),
+    /// List the runs a checkpoint holds and their state.
+    Runs(RunsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImportCmd {
+    #[command(subcommand)]
+    pub what: ImportWhat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImportWhat {
+    /// Users ("testers" in the API).
+    Testers(ImportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The CSV file (a header row is required); - reads standard input (no resume then).
+    #[arg(long, value_name = "PATH")]
+    pub file: String,
+    /// upsert: create new users, update existing ones; create or update restrict it.
+    #[arg(long, value_enum, default_value_t = Mode::Upsert)]
+    pub mode: Mode,
+    /// Column mapping (TOML): rename, ignore, constants, transforms. See samples/map.toml.
+    #[arg(long, value_name = "FILE")]
+    pub map: Option<PathBuf>,
+    /// Status for new users. invited, rejected and unconfirmed email people: they need --allow-emails.
+    #[arg(long, default_value = "imported")]
+    pub status: String,
+    /// Allow statuses that make Prefinery email people (invited, rejected, unconfirmed).
+    #[arg(long)]
+    pub allow_emails: bool,
+    /// Concurrent workers.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Read what is needed, write nothing; print the counts and write the plan with --results.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The checkpoint database (one file holds many runs).
+    #[arg(
+        long,
+        default_value = "prefsync-checkpoint.sqlite",
+        value_name = "PATH"
+    )]
+    pub checkpoint: PathBuf,
+    /// The rejected-rows report (default: beside the checkpoint).
+    #[arg(long, value_name = "PATH")]
+    pub errors: Option<PathBuf>,
+    /// One line per input line: line, email, action, Prefinery id.
+    #[arg(long, value_name = "PATH")]
+    pub results: Option<PathBuf>,
+    /// Write the final summary as JSON here.
+    #[arg(long, value_name = "PATH")]
+    pub summary_json: Option<PathBuf>,
+    /// Start over instead of resuming the unfinished run for this file and project.
+    #[arg(long)]
+    pub fresh: bool,
+    /// Stop cleanly (resumable, exit 5) after this long, e.g. 30m, 2h.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub max_duration: Option<Duration>,
+    /// Input encoding (detected by default): utf-8 or windows-1252 (latin-1).
+    #[arg(long)]
+    pub encoding: Option<Encoding>,
+    /// Field delimiter (detected by default): , ; or tab (\t).
+    #[arg(long, value_parser = parse_delimiter)]
+    pub delimiter: Option<char>,
+    /// Refuse columns that map to nothing (by default they are listed and ignored).
+    #[arg(long)]
+    pub strict: bool,
+    /// What an empty cell does on update: keep the field, or clear it.
+    #[arg(long, value_enum, default_value_t = EmptyCells::Keep)]
+    pub empty: EmptyCells,
+    /// How to tell existing users from new ones (default: the cheaper in API calls).
+    #[arg(long, value_enum)]
+    pub resolve: Option<Resolve>,
+}
+
+fn parse_delimiter(s: &str) -> Result<char, String> {
+    match s {
+        "," => Ok(','),
+        ";" => Ok(';'),
+        "\\t" | "\t" | "tab" => Ok('\t'),
+        _ => Err("expected , ; or tab".into()),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    /// The checkpoint database.
+    #[arg(
+        long,
+        default_value = "prefsync-checkpoint.sqlite",
+        value_name = "PATH"
+    )]
+    pub checkpoint: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -4,11 +4,17 @@
 //! that tests drive it in-process against the [`sandbox`].
 
 pub mod api;
+pub mod checkpoint;
 pub mod cli;
 pub mod cmd;
 pub mod config;
 pub mod exit;
+pub mod import;
+pub mod lock;
+pub mod output;
+pub mod progress;
 pub mod sandbox;
+pub mod stop;
 
 use std::io::Write;
 
@@ -22,7 +28,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
             cmd::sandbox::run(a).await?;
             Ok(Exit::Done)
         }
-        Command::Demo(a) => cmd::demo::run(a).await,
+        Command::Demo(a) => cmd::demo::run(a, progress_for(&cli.global)).await,
         Command::Check => {
             let conn = config::Connection::from_args(&cli.global)?;
             let beta = conn.require_beta()?.to_string();
@@ -35,6 +41,45 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
                 }
                 None => Ok(Exit::Done),
             }
+        }
+        Command::Import(cmd) => {
+            let cli::ImportWhat::Testers(a) = &cmd.what;
+            let conn = config::Connection::from_args(&cli.global)?;
+            let beta = conn.require_beta()?.to_string();
+            cmd::import::run(&conn.client(), a, &beta, progress_for(&cli.global)).await
+        }
+        Command::Runs(a) => {
+            if !a.checkpoint.exists() {
+                return Err(exit::usage(format!(
+                    "no checkpoint at {}",
+                    a.checkpoint.display()
+                )));
+            }
+            let ck = checkpoint::Checkpoint::open(&a.checkpoint)?;
+            let mut out = std::io::stdout().lock();
+            writeln!(
+                out,
+                "{:>4}  {:<7}  {:<8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:<10}  input",
+                "run", "kind", "state", "rows", "created", "updated", "same", "rejected", "project"
+            )?;
+            for r in ck.runs()? {
+                let c = ck.counts(r.id)?;
+                writeln!(
+                    out,
+                    "{:>4}  {:<7}  {:<8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:<10}  {}",
+                    r.id,
+                    r.kind,
+                    r.state,
+                    r.total_rows.unwrap_or(0),
+                    c.created,
+                    c.updated,
+                    c.unchanged,
+                    c.rejected,
+                    r.beta,
+                    r.input_path
+                )?;
+            }
+            Ok(Exit::Done)
         }
         Command::Betas => {
             let conn = config::Connection::from_args(&cli.global)?;
@@ -52,5 +97,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
             }
             Ok(Exit::Done)
         }
+    }
+}
+
+/// A bar on a terminal, a log line every few seconds otherwise, nothing
+/// with `--quiet`.
+pub fn progress_for(g: &cli::GlobalArgs) -> std::sync::Arc<dyn progress::Progress> {
+    use std::io::IsTerminal;
+    if g.quiet {
+        std::sync::Arc::new(progress::Silent)
+    } else if std::io::stderr().is_terminal() {
+        std::sync::Arc::new(progress::Bar::new())
+    } else {
+        std::sync::Arc::new(progress::LogLines::new(std::time::Duration::from_secs(5)))
     }
 }

@@ -23,13 +23,19 @@ fn prefsync(base: &str, key: Option<&str>) -> Command {
 /// Runs a blocking command while the in-process sandbox serves.
 async fn run(cmd: Command) -> std::process::Output {
     let mut cmd = cmd;
-    tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap()
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn check_names_a_missing_permission_and_exits_0() {
     let keys = Keys::single_without(SECRET, &[Permission::UsersCreate]);
-    let s = common::sandbox(SandboxConfig { keys, ..Default::default() }).await;
+    let s = common::sandbox(SandboxConfig {
+        keys,
+        ..Default::default()
+    })
+    .await;
     let mut c = prefsync(&s.base_url(), Some(SECRET));
     c.args(["check", "--beta", "a9b8c7de", "-vv", "--log-format", "json"]);
     let out = run(c).await;
@@ -37,9 +43,15 @@ async fn check_names_a_missing_permission_and_exits_0() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
     assert!(stdout.contains("Users > Create"), "{stdout}");
-    let line = stdout.lines().find(|l| l.contains("Users > Create")).unwrap();
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("Users > Create"))
+        .unwrap();
     assert!(line.ends_with("missing"), "{line}");
-    assert!(stdout.contains("project: Sandbox Waitlist (id 1"), "{stdout}");
+    assert!(
+        stdout.contains("project: Sandbox Waitlist (id 1"),
+        "{stdout}"
+    );
     // Debug logging on, and still no key anywhere.
     assert!(!stdout.contains(SECRET) && !stderr.contains(SECRET));
 }
@@ -55,7 +67,10 @@ async fn exit_codes() {
     let out = run(c).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(stderr.contains("the API key was rejected (HTTP 401)"), "{stderr}");
+    assert!(
+        stderr.contains("the API key was rejected (HTTP 401)"),
+        "{stderr}"
+    );
     assert!(!stderr.contains(SECRET) && !String::from_utf8_lossy(&out.stdout).contains(SECRET));
 
     // 2: no key at all.
@@ -69,7 +84,12 @@ async fn exit_codes() {
     let mut c = prefsync(&base, Some("sandbox-key"));
     c.args(["check", "--beta", "nope1234"]);
     let out = run(c).await;
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("check --beta"));
 
     // 2: plain http to a non-loopback host.
@@ -100,7 +120,14 @@ fn sandbox_process_writes_its_port_and_serves() {
     let dir = tempfile::tempdir().unwrap();
     let port_file = dir.path().join("port");
     let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("prefsync"))
-        .args(["sandbox", "--port", "0", "--seed-testers", "10", "--port-file"])
+        .args([
+            "sandbox",
+            "--port",
+            "0",
+            "--seed-testers",
+            "10",
+            "--port-file",
+        ])
         .arg(&port_file)
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -114,7 +141,10 @@ fn sandbox_process_writes_its_port_and_serves() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
     let base = format!("http://127.0.0.1:{port}/api/v2");
-    let out = prefsync(&base, Some("sandbox-key")).args(["check", "--beta", "1"]).output().unwrap();
+    let out = prefsync(&base, Some("sandbox-key"))
+        .args(["check", "--beta", "1"])
+        .output()
+        .unwrap();
     child.kill().ok();
     child.wait().ok();
     assert_eq!(out.status.code(), Some(0));

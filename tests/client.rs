@@ -26,10 +26,20 @@ fn pag(page: u64, next: Option<u64>) -> String {
 async fn collect(server: &MockServer) -> Result<Vec<u64>, ApiError> {
     let c = common::client_for(&format!("{}/api/v2", server.uri()), "k3y-secret", &[]);
     let pages: Vec<prefsync::api::Page<Tester>> = c
-        .pages(Op::TestersList, Some("1".into()), "betas/1/testers.json".into(), vec![], 1)
+        .pages(
+            Op::TestersList,
+            Some("1".into()),
+            "betas/1/testers.json".into(),
+            vec![],
+            1,
+        )
         .try_collect()
         .await?;
-    Ok(pages.into_iter().flat_map(|p| p.items).map(|t| t.id).collect())
+    Ok(pages
+        .into_iter()
+        .flat_map(|p| p.items)
+        .map(|t| t.id)
+        .collect())
 }
 
 #[tokio::test]
@@ -83,7 +93,11 @@ async fn pages_until_next_page_is_null() {
 async fn empty_first_page_yields_nothing() {
     let server = MockServer::start().await;
     Mock::given(path("/api/v2/betas/1/testers.json"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!([])).insert_header("X-Pagination", pag(1, Some(2))))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!([]))
+                .insert_header("X-Pagination", pag(1, Some(2))),
+        )
         .expect(1)
         .mount(&server)
         .await;
@@ -133,7 +147,11 @@ async fn a_failure_mid_way_is_an_error_after_retries() {
     let server = MockServer::start().await;
     Mock::given(path("/api/v2/betas/1/testers.json"))
         .and(query_param("page", "1"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(page_json(1, 25)).insert_header("X-Pagination", pag(1, Some(2))))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(page_json(1, 25))
+                .insert_header("X-Pagination", pag(1, Some(2))),
+        )
         .mount(&server)
         .await;
     Mock::given(path("/api/v2/betas/1/testers.json"))
@@ -143,7 +161,17 @@ async fn a_failure_mid_way_is_an_error_after_retries() {
         .mount(&server)
         .await;
     let err = collect(&server).await.unwrap_err();
-    assert!(matches!(err, ApiError::Server { status: 502, attempts: 8, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ApiError::Server {
+                status: 502,
+                attempts: 8,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("Bad gateway"));
 }
 
@@ -158,7 +186,8 @@ impl Respond for Sequence {
         let i = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         match self.statuses.get(i) {
             Some((s, retry_after)) => {
-                let mut r = ResponseTemplate::new(*s).set_body_json(json!({"errors": [{"message": "slow down"}]}));
+                let mut r = ResponseTemplate::new(*s)
+                    .set_body_json(json!({"errors": [{"message": "slow down"}]}));
                 if let Some(ra) = retry_after {
                     r = r.insert_header("Retry-After", *ra);
                 }
@@ -173,7 +202,10 @@ async fn throttled_then_ok(statuses: Vec<(u16, Option<&'static str>)>) -> (Durat
     let server = MockServer::start().await;
     let n = statuses.len();
     Mock::given(path("/api/v2/betas/1.json"))
-        .respond_with(Sequence { statuses, calls: Default::default() })
+        .respond_with(Sequence {
+            statuses,
+            calls: Default::default(),
+        })
         .expect(n as u64 + 1)
         .mount(&server)
         .await;
@@ -181,7 +213,12 @@ async fn throttled_then_ok(statuses: Vec<(u16, Option<&'static str>)>) -> (Durat
     let start = std::time::Instant::now();
     let b = c.beta("1").await.unwrap();
     assert_eq!(b.id, 1);
-    (start.elapsed(), c.stats().throttled.load(std::sync::atomic::Ordering::Relaxed))
+    (
+        start.elapsed(),
+        c.stats()
+            .throttled
+            .load(std::sync::atomic::Ordering::Relaxed),
+    )
 }
 
 #[tokio::test]
@@ -208,7 +245,10 @@ async fn a_create_answered_by_5xx_is_an_unknown_outcome_and_not_resent() {
         .mount(&server)
         .await;
     let c = common::client_for(&format!("{}/api/v2", server.uri()), "k", &[]);
-    let input = TesterInput { email: Some("a@x.io".into()), ..Default::default() };
+    let input = TesterInput {
+        email: Some("a@x.io".into()),
+        ..Default::default()
+    };
     let err = c.create_tester("1", &input).await.unwrap_err();
     assert!(matches!(err, ApiError::OutcomeUnknown { .. }), "{err}");
 }
@@ -221,8 +261,16 @@ async fn every_error_class_has_its_message() {
         (402, "betas/2.json", json!({})),
         (403, "betas/3/testers/5.json", json!({"errors": ["no"]})),
         (404, "betas/4/testers.json", json!({})),
-        (404, "betas/5/testers/9.json", json!({"errors": [{"message": "Tester not found."}]})),
-        (422, "betas/6/testers/9.json", json!({"errors": [{"code": 2702, "message": "Email already exists."}]})),
+        (
+            404,
+            "betas/5/testers/9.json",
+            json!({"errors": [{"message": "Tester not found."}]}),
+        ),
+        (
+            422,
+            "betas/6/testers/9.json",
+            json!({"errors": [{"code": 2702, "message": "Email already exists."}]}),
+        ),
     ];
     for (status, p, body) in &cases {
         Mock::given(path(format!("/api/v2/{p}")))
@@ -232,19 +280,71 @@ async fn every_error_class_has_its_message() {
     }
     let c = common::client_for(&format!("{}/api/v2", server.uri()), "k", &[]);
     let e = c.beta("1").await.unwrap_err();
-    assert!(e.to_string().contains("key was rejected (HTTP 401); it is wrong, expired or deleted"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("key was rejected (HTTP 401); it is wrong, expired or deleted"),
+        "{e}"
+    );
     let e = c.beta("2").await.unwrap_err();
-    assert!(e.to_string().contains("plan does not include API access"), "{e}");
-    let e = c.call(Op::TesterShow, Some("3"), "betas/3/testers/5.json", &[], None).await.unwrap_err();
-    assert!(e.to_string().contains("this API key lacks Users > Read; edit it under Company Settings > API Keys"), "{e}");
-    let e = c.call(Op::TestersList, Some("4"), "betas/4/testers.json", &[], None).await.unwrap_err();
-    assert!(e.to_string().contains("check --beta"), "{e}");
-    let e = c.call(Op::TesterShow, Some("5"), "betas/5/testers/9.json", &[], None).await.unwrap_err();
-    assert!(matches!(e, ApiError::NotFound { .. }) && e.to_string().contains("Tester not found."), "{e}");
+    assert!(
+        e.to_string().contains("plan does not include API access"),
+        "{e}"
+    );
     let e = c
-        .update_tester("6", 9, &TesterInput { status: Some("applied".into()), ..Default::default() })
+        .call(
+            Op::TesterShow,
+            Some("3"),
+            "betas/3/testers/5.json",
+            &[],
+            None,
+        )
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("HTTP 422): Email already exists. (code 2702)"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("this API key lacks Users > Read; edit it under Company Settings > API Keys"),
+        "{e}"
+    );
+    let e = c
+        .call(
+            Op::TestersList,
+            Some("4"),
+            "betas/4/testers.json",
+            &[],
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("check --beta"), "{e}");
+    let e = c
+        .call(
+            Op::TesterShow,
+            Some("5"),
+            "betas/5/testers/9.json",
+            &[],
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, ApiError::NotFound { .. }) && e.to_string().contains("Tester not found."),
+        "{e}"
+    );
+    let e = c
+        .update_tester(
+            "6",
+            9,
+            &TesterInput {
+                status: Some("applied".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("HTTP 422): Email already exists. (code 2702)"),
+        "{e}"
+    );
     assert!(!e.is_retryable());
 }

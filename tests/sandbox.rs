@@ -17,18 +17,26 @@ async fn raw(base: &str, method: reqwest::Method, path: &str) -> reqwest::Reques
 
 #[tokio::test]
 async fn projects_by_numeric_id_and_uid_with_and_without_json() {
-    let s = common::sandbox(SandboxConfig { seed_testers: 30, ..Default::default() }).await;
+    let s = common::sandbox(SandboxConfig {
+        seed_testers: 30,
+        ..Default::default()
+    })
+    .await;
     let c = common::client(&s);
     let by_id = c.beta("1").await.unwrap();
     let by_uid = c.beta("a9b8c7de").await.unwrap();
     assert_eq!(by_id, by_uid);
     assert_eq!(by_id.testers_count, Some(30));
-    let r = raw(&s.base_url(), reqwest::Method::GET, "betas/a9b8c7de/testers")
-        .await
-        .basic_auth(common::KEY, Some(""))
-        .send()
-        .await
-        .unwrap();
+    let r = raw(
+        &s.base_url(),
+        reqwest::Method::GET,
+        "betas/a9b8c7de/testers",
+    )
+    .await
+    .basic_auth(common::KEY, Some(""))
+    .send()
+    .await
+    .unwrap();
     assert_eq!(r.status(), 200);
     let pag: Value = serde_json::from_str(r.headers()["x-pagination"].to_str().unwrap()).unwrap();
     assert_eq!(pag["next_page"], 2);
@@ -36,7 +44,13 @@ async fn projects_by_numeric_id_and_uid_with_and_without_json() {
     let list: Vec<Value> = r.json().await.unwrap();
     assert_eq!(list.len(), 25);
     let e = c.beta("zzzz").await.unwrap_err();
-    assert!(matches!(e, ApiError::NotFound { .. } | ApiError::ProjectNotFound { .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            ApiError::NotFound { .. } | ApiError::ProjectNotFound { .. }
+        ),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -46,21 +60,76 @@ async fn three_auth_methods_and_their_refusals() {
         false,
     )
     .unwrap();
-    let s = common::sandbox(SandboxConfig { keys, ..Default::default() }).await;
+    let s = common::sandbox(SandboxConfig {
+        keys,
+        ..Default::default()
+    })
+    .await;
     let base = s.base_url();
     let get = |p: &str| {
         let url = format!("{base}/{p}");
         async move { reqwest::Client::new().get(url) }
     };
     let st = |r: reqwest::Response| r.status().as_u16();
-    assert_eq!(st(get("betas/1.json").await.basic_auth("good", Some("")).send().await.unwrap()), 200);
-    assert_eq!(st(get("betas/1.json").await.bearer_auth("good").send().await.unwrap()), 200);
-    assert_eq!(st(get("betas/1.json?api_key=good").await.send().await.unwrap()), 200);
+    assert_eq!(
+        st(get("betas/1.json")
+            .await
+            .basic_auth("good", Some(""))
+            .send()
+            .await
+            .unwrap()),
+        200
+    );
+    assert_eq!(
+        st(get("betas/1.json")
+            .await
+            .bearer_auth("good")
+            .send()
+            .await
+            .unwrap()),
+        200
+    );
+    assert_eq!(
+        st(get("betas/1.json?api_key=good").await.send().await.unwrap()),
+        200
+    );
     assert_eq!(st(get("betas/1.json").await.send().await.unwrap()), 401);
-    assert_eq!(st(get("betas/1.json").await.bearer_auth("nope").send().await.unwrap()), 401);
-    assert_eq!(st(get("betas/1.json").await.bearer_auth("old").send().await.unwrap()), 401);
-    assert_eq!(st(get("betas/1.json").await.bearer_auth("ro").send().await.unwrap()), 403);
-    assert_eq!(st(get("betas/1/testers.json").await.bearer_auth("ro").send().await.unwrap()), 200);
+    assert_eq!(
+        st(get("betas/1.json")
+            .await
+            .bearer_auth("nope")
+            .send()
+            .await
+            .unwrap()),
+        401
+    );
+    assert_eq!(
+        st(get("betas/1.json")
+            .await
+            .bearer_auth("old")
+            .send()
+            .await
+            .unwrap()),
+        401
+    );
+    assert_eq!(
+        st(get("betas/1.json")
+            .await
+            .bearer_auth("ro")
+            .send()
+            .await
+            .unwrap()),
+        403
+    );
+    assert_eq!(
+        st(get("betas/1/testers.json")
+            .await
+            .bearer_auth("ro")
+            .send()
+            .await
+            .unwrap()),
+        200
+    );
 }
 
 #[tokio::test]
@@ -75,7 +144,13 @@ async fn writes_need_json_content_type_or_a_form() {
         .send()
         .await
         .unwrap();
-    let r = c.post(&url).basic_auth(common::KEY, Some("")).body("checkin[email]=x").send().await.unwrap();
+    let r = c
+        .post(&url)
+        .basic_auth(common::KEY, Some(""))
+        .body("checkin[email]=x")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 500, "no content type");
     let r = c
         .post(&url)
@@ -91,35 +166,100 @@ async fn writes_need_json_content_type_or_a_form() {
 
 #[tokio::test]
 async fn documented_error_codes_and_the_outbox() {
-    let s = common::sandbox(SandboxConfig { seed_testers: 3, ..Default::default() }).await;
+    let s = common::sandbox(SandboxConfig {
+        seed_testers: 3,
+        ..Default::default()
+    })
+    .await;
     let c = common::client(&s);
-    let e = c.call(Op::PointCreate, Some("1"), "betas/1/points.json", &[], Some(&json!({"quantity": 1}))).await.unwrap_err();
-    assert!(e.to_string().contains("Email is required. (code 2802)"), "{e}");
     let e = c
-        .call(Op::PointCreate, Some("1"), "betas/1/points.json", &[], Some(&json!({"email": "nobody@x.io", "quantity": 1})))
+        .call(
+            Op::PointCreate,
+            Some("1"),
+            "betas/1/points.json",
+            &[],
+            Some(&json!({"quantity": 1})),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("Email is required. (code 2802)"),
+        "{e}"
+    );
+    let e = c
+        .call(
+            Op::PointCreate,
+            Some("1"),
+            "betas/1/points.json",
+            &[],
+            Some(&json!({"email": "nobody@x.io", "quantity": 1})),
+        )
         .await
         .unwrap_err();
     assert!(e.to_string().contains("(code 2803)"), "{e}");
     let body = json!({"email": "user1@example.com", "reason": "Manual"});
-    c.call(Op::SuppressionCreate, Some("1"), "betas/1/suppressions.json", &[], Some(&body)).await.unwrap();
-    let e = c.call(Op::SuppressionCreate, Some("1"), "betas/1/suppressions.json", &[], Some(&body)).await.unwrap_err();
-    assert!(e.to_string().contains("Email already exists. (code 2702)"), "{e}");
+    c.call(
+        Op::SuppressionCreate,
+        Some("1"),
+        "betas/1/suppressions.json",
+        &[],
+        Some(&body),
+    )
+    .await
+    .unwrap();
+    let e = c
+        .call(
+            Op::SuppressionCreate,
+            Some("1"),
+            "betas/1/suppressions.json",
+            &[],
+            Some(&body),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("Email already exists. (code 2702)"),
+        "{e}"
+    );
 
     let t = c
-        .create_tester("1", &TesterInput { email: Some("new@x.io".into()), ..Default::default() })
+        .create_tester(
+            "1",
+            &TesterInput {
+                email: Some("new@x.io".into()),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     assert_eq!(t.status.as_deref(), Some("imported"));
     assert!(s.app.with_world(|w| w.outbox.is_empty()));
-    c.update_tester("1", t.id, &TesterInput { status: Some("invited".into()), ..Default::default() })
-        .await
-        .unwrap();
+    c.update_tester(
+        "1",
+        t.id,
+        &TesterInput {
+            status: Some("invited".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let outbox = s.app.with_world(|w| w.outbox.clone());
     assert_eq!(outbox.len(), 1);
-    assert_eq!((outbox[0].kind.as_str(), outbox[0].to.as_str()), ("invitation", "new@x.io"));
+    assert_eq!(
+        (outbox[0].kind.as_str(), outbox[0].to.as_str()),
+        ("invitation", "new@x.io")
+    );
     // invited -> applied is not an allowed transition.
     let e = c
-        .update_tester("1", t.id, &TesterInput { status: Some("applied".into()), ..Default::default() })
+        .update_tester(
+            "1",
+            t.id,
+            &TesterInput {
+                status: Some("applied".into()),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap_err();
     assert_eq!(e.status(), Some(422));
@@ -155,10 +295,20 @@ async fn throttles_past_the_limit_with_the_configured_status_and_retry_after() {
 
 #[tokio::test]
 async fn fail_after_write_applies_the_write() {
-    let s = common::sandbox(SandboxConfig { fail_after_write_rate: 1.0, ..Default::default() }).await;
+    let s = common::sandbox(SandboxConfig {
+        fail_after_write_rate: 1.0,
+        ..Default::default()
+    })
+    .await;
     let c = common::client(&s);
     let e = c
-        .create_tester("1", &TesterInput { email: Some("ghost@x.io".into()), ..Default::default() })
+        .create_tester(
+            "1",
+            &TesterInput {
+                email: Some("ghost@x.io".into()),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap_err();
     assert!(matches!(e, ApiError::OutcomeUnknown { .. }), "{e}");
@@ -177,11 +327,20 @@ async fn reads_survive_random_failures_and_drops() {
     .await;
     let c = common::client(&s);
     let pages: Vec<prefsync::api::Page<Tester>> = c
-        .pages(Op::TestersList, Some("1".into()), "betas/1/testers.json".into(), vec![], 1)
+        .pages(
+            Op::TestersList,
+            Some("1".into()),
+            "betas/1/testers.json".into(),
+            vec![],
+            1,
+        )
         .try_collect()
         .await
         .unwrap();
-    let ids: Vec<u64> = pages.iter().flat_map(|p| p.items.iter().map(|t| t.id)).collect();
+    let ids: Vec<u64> = pages
+        .iter()
+        .flat_map(|p| p.items.iter().map(|t| t.id))
+        .collect();
     assert_eq!(ids.len(), 500);
     assert!(c.stats().retries.load(Ordering::Relaxed) > 0);
 }
@@ -191,10 +350,25 @@ async fn reads_survive_random_failures_and_drops() {
 /// limit, and at least 97% of the quota used.
 #[tokio::test]
 async fn limiter_stays_under_and_uses_97_percent_of_the_quota() {
-    let s = common::sandbox(SandboxConfig { seed_testers: 25 * 120, rate_scale: 60.0, ..Default::default() }).await;
-    let c = common::client_for(&s.base_url(), common::KEY, &["testers-list=60/1s", "account-list=180/1s"]);
+    let s = common::sandbox(SandboxConfig {
+        seed_testers: 25 * 120,
+        rate_scale: 60.0,
+        ..Default::default()
+    })
+    .await;
+    let c = common::client_for(
+        &s.base_url(),
+        common::KEY,
+        &["testers-list=60/1s", "account-list=180/1s"],
+    );
     let n: usize = c
-        .pages::<Value>(Op::TestersList, Some("1".into()), "betas/1/testers.json".into(), vec![], 1)
+        .pages::<Value>(
+            Op::TestersList,
+            Some("1".into()),
+            "betas/1/testers.json".into(),
+            vec![],
+            1,
+        )
         .map_ok(|p| p.items.len())
         .try_fold(0, |a, b| async move { Ok(a + b) })
         .await
@@ -217,14 +391,26 @@ async fn a_key_without_a_permission_gets_403_naming_it() {
     .await;
     let c = common::client_for(&s.base_url(), "k", &[]);
     let e = c
-        .create_tester("1", &TesterInput { email: Some("a@x.io".into()), ..Default::default() })
+        .create_tester(
+            "1",
+            &TesterInput {
+                email: Some("a@x.io".into()),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap_err();
     assert!(e.to_string().contains("lacks Users > Create"), "{e}");
     let report = prefsync::cmd::check::check(&c, "a9b8c7de").await;
     assert!(report.works());
-    assert_eq!(report.grant("Users > Create"), Some(&prefsync::cmd::check::Grant::Missing));
-    assert_eq!(report.grant("Users > Update"), Some(&prefsync::cmd::check::Grant::Granted));
+    assert_eq!(
+        report.grant("Users > Create"),
+        Some(&prefsync::cmd::check::Grant::Missing)
+    );
+    assert_eq!(
+        report.grant("Users > Update"),
+        Some(&prefsync::cmd::check::Grant::Granted)
+    );
     // The probes changed nothing.
     assert!(common::users(&s, 1).is_empty());
 }

@@ -163,20 +163,20 @@ fn collect_messages(v: &Value, out: &mut Vec<ApiMessage>) {
         Value::Object(obj) => {
             if let Some(errors) = obj.get("errors").or_else(|| obj.get("error")) {
                 // `{"errors": {"email": ["is invalid"]}}` (Rails style) too.
-                if let Value::Object(fields) = errors {
-                    if !fields.contains_key("message") {
-                        for (field, msgs) in fields {
-                            let mut inner = Vec::new();
-                            collect_messages(msgs, &mut inner);
-                            for m in inner {
-                                out.push(ApiMessage {
-                                    code: m.code,
-                                    message: format!("{field} {}", m.message),
-                                });
-                            }
+                if let Value::Object(fields) = errors
+                    && !fields.contains_key("message")
+                {
+                    for (field, msgs) in fields {
+                        let mut inner = Vec::new();
+                        collect_messages(msgs, &mut inner);
+                        for m in inner {
+                            out.push(ApiMessage {
+                                code: m.code,
+                                message: format!("{field} {}", m.message),
+                            });
                         }
-                        return;
                     }
+                    return;
                 }
                 collect_messages(errors, out);
             } else if let Some(message) = obj.get("message").and_then(Value::as_str) {

@@ -417,7 +417,10 @@ mod tests {
         let window = Duration::from_millis(600);
         for (i, t) in times.iter().enumerate() {
             let inside = times[i..].iter().take_while(|u| **u < *t + window).count();
-            assert!(inside <= 60, "{inside} requests in the window from request {i}");
+            assert!(
+                inside <= 60,
+                "{inside} requests in the window from request {i}"
+            );
         }
         let span = times[149] - times[0];
         let rate = 149.0 / span.as_secs_f64() * 0.6;

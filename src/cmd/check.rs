@@ -103,7 +103,13 @@ fn grant_of(result: Result<(), ApiError>) -> Grant {
 }
 
 /// One permission probe: its name, the call, and what to send.
-struct Probe(&'static str, Op, String, Vec<(String, String)>, Option<serde_json::Value>);
+struct Probe(
+    &'static str,
+    Op,
+    String,
+    Vec<(String, String)>,
+    Option<serde_json::Value>,
+);
 
 pub async fn check(client: &Client, beta: &str) -> CheckReport {
     let mut report = CheckReport {
@@ -164,67 +170,78 @@ pub async fn check(client: &Client, beta: &str) -> CheckReport {
     }
 
     let probes: Vec<Probe> = vec![
-        Probe("Users > Create",
+        Probe(
+            "Users > Create",
             Op::TesterCreate,
             format!("{base}/testers.json"),
             vec![],
             Some(json!({"tester": {"email": ""}})),
         ),
-        Probe("Users > Update",
+        Probe(
+            "Users > Update",
             Op::TesterUpdate,
             format!("{base}/testers/0.json"),
             vec![],
             Some(json!({"tester": {}})),
         ),
-        Probe("Users > Delete",
+        Probe(
+            "Users > Delete",
             Op::TesterDelete,
             format!("{base}/testers/0.json"),
             vec![],
             None,
         ),
-        Probe("Points > Create",
+        Probe(
+            "Points > Create",
             Op::PointCreate,
             format!("{base}/points.json"),
             vec![],
             Some(empty.clone()),
         ),
-        Probe("Points (list)",
+        Probe(
+            "Points (list)",
             Op::PointsList,
             format!("{base}/points.json"),
             probe_email.clone(),
             None,
         ),
-        Probe("Rewards > Read",
+        Probe(
+            "Rewards > Read",
             Op::RewardsList,
             format!("{base}/rewards.json"),
             probe_email.clone(),
             None,
         ),
-        Probe("Rewards > Create",
+        Probe(
+            "Rewards > Create",
             Op::RewardCreate,
             format!("{base}/rewards.json"),
             vec![],
             Some(empty.clone()),
         ),
-        Probe("Rewards > Update",
+        Probe(
+            "Rewards > Update",
             Op::RewardUpdate,
             format!("{base}/rewards/0.json"),
             vec![],
             Some(empty.clone()),
         ),
-        Probe("Email Suppressions > Read",
+        Probe(
+            "Email Suppressions > Read",
             Op::SuppressionsList,
             format!("{base}/suppressions.json"),
             probe_email.clone(),
             None,
         ),
-        Probe("Email Suppressions > Create",
+        Probe(
+            "Email Suppressions > Create",
             Op::SuppressionCreate,
             format!("{base}/suppressions.json"),
             vec![],
             Some(empty.clone()),
         ),
-        Probe("Email Suppressions > Delete",
+        Probe(
+            "Email Suppressions > Delete",
             Op::SuppressionDelete,
             format!("{base}/suppressions/0.json"),
             vec![],

@@ -1,27 +1,84 @@
 //! `prefsync demo`: starts the sandbox in-process and runs the main job
 //! against it, so a fresh machine with no key and no network shows what
-//! prefsync does.
+//! prefsync does. The sample file and its map are built into the binary.
+
+use std::sync::Arc;
+
+use anyhow::Context;
 
 use crate::api::{ApiKey, Client, Limiter, RetryPolicy};
 use crate::cli::DemoArgs;
 use crate::exit::Exit;
-use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::import::input::Source;
+use crate::import::{ImportOptions, import};
+use crate::progress::Progress;
+use crate::sandbox::{DEFAULT_KEY, Sandbox, SandboxConfig};
+use crate::stop::Stop;
 
-pub async fn run(_args: &DemoArgs) -> anyhow::Result<Exit> {
+const WAITLIST: &str = include_str!("../../samples/waitlist.csv");
+const MAP: &str = include_str!("../../samples/map.toml");
+/// The sample's bad rows: no email, a malformed email, a duplicate, an
+/// unknown status, an impossible date.
+const EXPECTED_REJECTED: u64 = 5;
+
+pub async fn run(args: &DemoArgs, progress: Arc<dyn Progress>) -> anyhow::Result<Exit> {
+    let dir = &args.dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    let csv = dir.join("waitlist.csv");
+    let map = dir.join("map.toml");
+    std::fs::write(&csv, WAITLIST)?;
+    std::fs::write(&map, MAP)?;
+
     let sandbox = Sandbox::start(SandboxConfig::default(), 0).await?;
-    eprintln!("demo: sandbox started at {}", sandbox.base_url());
+    eprintln!(
+        "demo: sandbox running at {} (project a9b8c7de)",
+        sandbox.base_url()
+    );
     let client = Client::new(
         sandbox.base_url().parse()?,
-        ApiKey::new(crate::sandbox::DEFAULT_KEY),
+        ApiKey::new(DEFAULT_KEY),
         Limiter::new(&[]),
         RetryPolicy::default(),
     );
-    let report = super::check::check(&client, "a9b8c7de").await;
-    print!("{report}");
+
+    let mut opts = ImportOptions::new(
+        "a9b8c7de",
+        Source::File(csv.clone()),
+        dir.join("checkpoint.sqlite"),
+    );
+    opts.map = Some(map.clone());
+    // Each demo starts a new, empty sandbox: start a new run too.
+    opts.fresh = true;
+    opts.errors = Some(dir.join("rejected-rows.csv"));
+    opts.results = Some(dir.join("results.csv"));
+    eprintln!(
+        "demo: prefsync import testers --beta a9b8c7de --file {} --map {}",
+        csv.display(),
+        map.display()
+    );
+    let summary = import(&client, &opts, Stop::default(), progress).await?;
+    eprint!("{summary}");
+
+    let (users, emails) = sandbox
+        .app
+        .with_world(|w| (w.project(1).users.len(), w.outbox.len()));
+    eprintln!(
+        "demo: the sandbox now holds {users} users; emails Prefinery would have sent: {emails}"
+    );
     sandbox.shutdown().await;
-    Ok(if report.works() {
-        Exit::Done
+
+    let as_intended = summary.rejected == EXPECTED_REJECTED
+        && summary.created as usize == users
+        && summary.pending == 0
+        && emails == 0;
+    if as_intended {
+        eprintln!(
+            "demo: done. The {EXPECTED_REJECTED} bad rows of the sample are in {} with the reason for each.",
+            dir.join("rejected-rows.csv").display()
+        );
+        Ok(Exit::Done)
     } else {
-        Exit::AccessDenied
-    })
+        eprintln!("demo: the run did not go as intended (see above)");
+        Ok(Exit::Internal)
+    }
 }

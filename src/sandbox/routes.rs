@@ -430,14 +430,14 @@ async fn handle(
     if spec.expired {
         return error_response(401, None, "This API key has expired.");
     }
-    if let Some(p) = route.permission {
-        if !spec.permissions.contains(&p) {
-            return error_response(
-                403,
-                None,
-                &format!("This API key does not have the {} permission.", p.name()),
-            );
-        }
+    if let Some(p) = route.permission
+        && !spec.permissions.contains(&p)
+    {
+        return error_response(
+            403,
+            None,
+            &format!("This API key does not have the {} permission.", p.name()),
+        );
     }
     let beta = match &route.beta {
         Some(b) => match app.with_world(|w| w.project_id(b)) {

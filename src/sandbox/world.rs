@@ -627,10 +627,10 @@ impl World {
             if !valid_email(email) {
                 return Err(Refusal::invalid("Email is invalid"));
             }
-            if let Some(other) = p.by_email.get(&email.to_lowercase()) {
-                if *other != id {
-                    return Err(Refusal::invalid("Email has already been taken"));
-                }
+            if let Some(other) = p.by_email.get(&email.to_lowercase())
+                && *other != id
+            {
+                return Err(Refusal::invalid("Email has already been taken"));
             }
             u.email = email.to_string();
         }
@@ -804,10 +804,10 @@ impl World {
         let v = serde_json::to_value(&rec).unwrap();
         let p = self.projects.get_mut(&beta).unwrap();
         p.suppressions.insert(id, rec);
-        if reason == "Unsubscribe" {
-            if let Some(u) = user_id.and_then(|uid| p.users.get_mut(&uid)) {
-                u.unsubscribed_at = Some(at);
-            }
+        if reason == "Unsubscribe"
+            && let Some(u) = user_id.and_then(|uid| p.users.get_mut(&uid))
+        {
+            u.unsubscribed_at = Some(at);
         }
         Ok(v)
     }

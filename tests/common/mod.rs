@@ -23,7 +23,12 @@ pub fn fast_retry() -> RetryPolicy {
 
 pub fn client_for(base: &str, key: &str, rates: &[&str]) -> Client {
     let rates: Vec<RateOverride> = rates.iter().map(|r| r.parse().unwrap()).collect();
-    Client::new(base.parse().unwrap(), ApiKey::new(key), Limiter::new(&rates), fast_retry())
+    Client::new(
+        base.parse().unwrap(),
+        ApiKey::new(key),
+        Limiter::new(&rates),
+        fast_retry(),
+    )
 }
 
 pub fn client(s: &Sandbox) -> Client {

@@ -1,0 +1,90 @@
+//! `prefsync import testers`: flags to options, signals, progress, summary.
+
+use std::sync::Arc;
+
+use crate::api::Client;
+use crate::cli::ImportArgs;
+use crate::exit::Exit;
+use crate::import::input::Source;
+use crate::import::{ImportOptions, ImportSummary, import};
+use crate::output::AtomicFile;
+use crate::progress::Progress;
+use crate::stop::Stop;
+
+pub fn options(a: &ImportArgs, beta: &str) -> ImportOptions {
+    let mut o = ImportOptions::new(beta, Source::parse(&a.file), a.checkpoint.clone());
+    o.mode = a.mode;
+    o.map = a.map.clone();
+    o.default_status = a.status.trim().to_lowercase();
+    o.concurrency = a.concurrency;
+    o.dry_run = a.dry_run;
+    o.errors = a.errors.clone();
+    o.results = a.results.clone();
+    o.fresh = a.fresh;
+    o.max_duration = a.max_duration;
+    o.encoding = a.encoding;
+    o.delimiter = a.delimiter;
+    o.strict = a.strict;
+    o.empty = a.empty;
+    o.allow_emails = a.allow_emails;
+    o.resolve = a.resolve;
+    o
+}
+
+/// The first Ctrl-C stops new work and lets calls in flight finish; the
+/// second exits at once (the checkpoint is still safe to resume from).
+pub fn install_ctrl_c(stop: &Stop) {
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!(
+                "\nstopping: finishing the calls in flight (Ctrl-C again to quit at once; the run can be resumed)"
+            );
+            stop.trigger();
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("quitting at once; run the same command again to resume");
+                std::process::exit(Exit::Resumable.code());
+            }
+        }
+    });
+}
+
+pub fn exit_of(s: &ImportSummary) -> Exit {
+    if s.stopped {
+        Exit::Resumable
+    } else if s.rejected > 0 {
+        Exit::RowsRejected
+    } else {
+        Exit::Done
+    }
+}
+
+pub fn write_summary_json(
+    path: &std::path::Path,
+    value: &impl serde::Serialize,
+) -> anyhow::Result<()> {
+    let f = AtomicFile::create(path)?;
+    {
+        let mut w = f.writer();
+        serde_json::to_writer_pretty(&mut w, value)?;
+        std::io::Write::flush(&mut w)?;
+    }
+    f.commit()
+}
+
+pub async fn run(
+    client: &Client,
+    a: &ImportArgs,
+    beta: &str,
+    progress: Arc<dyn Progress>,
+) -> anyhow::Result<Exit> {
+    let stop = Stop::default();
+    install_ctrl_c(&stop);
+    let opts = options(a, beta);
+    let summary = import(client, &opts, stop, progress).await?;
+    eprint!("{summary}");
+    if let Some(p) = &a.summary_json {
+        write_summary_json(p, &summary)?;
+    }
+    Ok(exit_of(&summary))
+}

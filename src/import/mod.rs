@@ -1,0 +1,1028 @@
+//! `import testers`: CSV rows into tester create and update calls, through
+//! concurrent, rate-limited workers, journalled in the checkpoint.
+//!
+//! A run has two passes over the input. Planning reads every row once,
+//! validates it, finds duplicates (through the checkpoint's email index, so
+//! memory stays flat) and records each row as `pending` or `rejected`. The
+//! main pass reads the file again and hands the rows still open to the
+//! workers. One task owns the checkpoint; workers report to it over a
+//! bounded channel, and a create is sent only after its row is `sending` on
+//! disk. A row found `sending` on resume, and every create whose outcome is
+//! unknown, is looked up by email before anything is retried: nobody is
+//! created twice and nobody is skipped.
+
+pub mod input;
+pub mod mapping;
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::api::{ApiError, Client, Op, PAGE_SIZE, Tester, TesterInput};
+use crate::checkpoint::{Checkpoint, RowUpdate};
+use crate::exit::{StoppedError, usage};
+use crate::lock::RunLock;
+use crate::progress::{Progress, Snapshot};
+use crate::stop::Stop;
+use input::{CsvInput, Encoding, Source};
+use mapping::{EMAILING_STATUSES, EmptyCells, Mapping};
+
+/// Rows planned per checkpoint transaction.
+const PLAN_BATCH: usize = 5_000;
+/// Open rows the reader fetches from the checkpoint at a time.
+const OPEN_CHUNK: usize = 10_000;
+/// Times a create whose outcome stays unknown is tried before the row is
+/// rejected as `outcome_unknown`.
+const CREATE_TRIES: u32 = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+pub enum Mode {
+    /// Create users that are new, update those that exist.
+    Upsert,
+    /// Only create; a user that exists is rejected.
+    Create,
+    /// Only update; a user that does not exist is rejected.
+    Update,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+pub enum Resolve {
+    /// List the whole project once into the checkpoint.
+    List,
+    /// Look each email up (`email_is`).
+    Lookup,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportOptions {
+    pub beta: String,
+    #[serde(skip)]
+    pub source: Source,
+    pub mode: Mode,
+    pub map: Option<PathBuf>,
+    /// Status for new users.
+    pub default_status: String,
+    pub concurrency: usize,
+    pub dry_run: bool,
+    pub checkpoint: PathBuf,
+    pub errors: Option<PathBuf>,
+    pub results: Option<PathBuf>,
+    pub fresh: bool,
+    pub max_duration: Option<Duration>,
+    #[serde(skip)]
+    pub encoding: Option<Encoding>,
+    pub delimiter: Option<char>,
+    pub strict: bool,
+    pub empty: EmptyCells,
+    pub allow_emails: bool,
+    pub resolve: Option<Resolve>,
+}
+
+impl ImportOptions {
+    pub fn new(beta: &str, source: Source, checkpoint: PathBuf) -> ImportOptions {
+        ImportOptions {
+            beta: beta.to_string(),
+            source,
+            mode: Mode::Upsert,
+            map: None,
+            default_status: "imported".into(),
+            concurrency: 8,
+            dry_run: false,
+            checkpoint,
+            errors: None,
+            results: None,
+            fresh: false,
+            max_duration: None,
+            encoding: None,
+            delimiter: None,
+            strict: false,
+            empty: EmptyCells::Keep,
+            allow_emails: false,
+            resolve: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportSummary {
+    pub run_id: i64,
+    pub input: String,
+    pub beta: String,
+    pub dry_run: bool,
+    pub resumed: bool,
+    pub total_rows: u64,
+    pub created: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    pub rejected: u64,
+    pub pending: u64,
+    pub api_calls: u64,
+    pub throttled: u64,
+    pub retries: u64,
+    pub elapsed_secs: f64,
+    pub stopped: bool,
+    pub resolve: String,
+    pub unmapped_columns: Vec<String>,
+    pub errors_file: Option<String>,
+    pub results_file: Option<String>,
+    pub checkpoint: String,
+}
+
+impl std::fmt::Display for ImportSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let verb = if self.dry_run { "would be " } else { "" };
+        writeln!(
+            f,
+            "{}import of {} into project {}: {} rows",
+            if self.dry_run { "dry run: " } else { "" },
+            self.input,
+            self.beta,
+            self.total_rows
+        )?;
+        writeln!(
+            f,
+            "  {verb}created {}, {verb}updated {}, unchanged {}, rejected {}{}",
+            self.created,
+            self.updated,
+            self.unchanged,
+            self.rejected,
+            if self.pending > 0 {
+                format!(", not done yet {}", self.pending)
+            } else {
+                String::new()
+            }
+        )?;
+        writeln!(
+            f,
+            "  API calls {}, throttled answers {}, retries {}, time {:.1}s",
+            self.api_calls, self.throttled, self.retries, self.elapsed_secs
+        )?;
+        if let Some(e) = &self.errors_file {
+            writeln!(
+                f,
+                "  rejected rows: {e} (fix them and feed the file back in)"
+            )?;
+        }
+        if let Some(r) = &self.results_file {
+            writeln!(f, "  results: {r}")?;
+        }
+        if self.stopped {
+            writeln!(
+                f,
+                "  stopped before the end: run the same command again to resume (run {})",
+                self.run_id
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The file's identity in the checkpoint: its absolute path.
+fn input_key(source: &Source) -> String {
+    match source {
+        Source::File(p) => std::fs::canonicalize(p)
+            .unwrap_or_else(|_| p.clone())
+            .display()
+            .to_string(),
+        Source::Stdin => "<stdin>".into(),
+    }
+}
+
+/// One row handed to a worker.
+#[derive(Debug)]
+struct Job {
+    line: u64,
+    email_key: String,
+    input: TesterInput,
+    raw: Vec<String>,
+    /// The row was `sending` when the run stopped: look it up first.
+    was_sending: bool,
+    /// The user as the project listing showed it (`--resolve list`).
+    known: Option<Value>,
+}
+
+enum ToWriter {
+    Update(RowUpdate, Option<oneshot::Sender<()>>),
+}
+
+struct Ctx {
+    client: Client,
+    beta: String,
+    mode: Mode,
+    resolve: Option<Resolve>,
+    default_status: String,
+    dry_run: bool,
+    writer: mpsc::Sender<ToWriter>,
+    stop: Stop,
+    fatal: std::sync::Mutex<Option<ApiError>>,
+}
+
+/// Runs an import to its end, or until `stop`.
+pub async fn import(
+    client: &Client,
+    opts: &ImportOptions,
+    stop: Stop,
+    progress: Arc<dyn Progress>,
+) -> anyhow::Result<ImportSummary> {
+    let started = Instant::now();
+    if opts.concurrency == 0 || opts.concurrency > 256 {
+        return Err(usage("--concurrency must be from 1 to 256"));
+    }
+    if !mapping::STATUSES.contains(&opts.default_status.as_str()) {
+        return Err(usage(format!(
+            "unknown --status {:?}; expected one of {}",
+            opts.default_status,
+            mapping::STATUSES.join(", ")
+        )));
+    }
+    if EMAILING_STATUSES.contains(&opts.default_status.as_str()) && !opts.allow_emails {
+        return Err(usage(format!(
+            "--status {} makes Prefinery email every new user; add --allow-emails if that is what you want",
+            opts.default_status
+        )));
+    }
+
+    // Standard input is spooled to a file: the run reads its input twice.
+    let _spool;
+    let source = match &opts.source {
+        Source::Stdin => {
+            let mut tmp =
+                tempfile::NamedTempFile::new().context("failed to spool standard input")?;
+            std::io::copy(&mut std::io::stdin().lock(), &mut tmp)
+                .context("failed to read standard input")?;
+            let path = tmp.path().to_path_buf();
+            _spool = tmp;
+            tracing::info!("reading standard input: this run cannot be resumed if interrupted");
+            Source::File(path)
+        }
+        s => s.clone(),
+    };
+    let Source::File(path) = &source else {
+        unreachable!()
+    };
+    let key = input_key(&opts.source);
+
+    let delimiter = opts.delimiter.map(|c| c as u8);
+    let csv = CsvInput::open(&source, opts.encoding, delimiter)?;
+    let mapping = Mapping::build(&csv.headers, opts.map.as_deref(), opts.empty)?;
+    if !mapping.unmapped.is_empty() {
+        let list = mapping.unmapped.join(", ");
+        if opts.strict {
+            return Err(usage(format!(
+                "columns that map to nothing: {list}. Map them with --map, or drop --strict to ignore them"
+            )));
+        }
+        tracing::warn!(
+            "these columns map to nothing and are ignored: {list} (use --map to map them, --strict to refuse)"
+        );
+    }
+    drop(csv);
+    let (size, hash) = input::fingerprint(path)?;
+
+    // The checkpoint: a temporary one for a dry run, which writes nothing.
+    let _dry_dir;
+    let ck_path = if opts.dry_run {
+        let d = tempfile::tempdir()?;
+        let p = d.path().join("dry-run.sqlite");
+        _dry_dir = d;
+        p
+    } else {
+        opts.checkpoint.clone()
+    };
+    let _lock = if opts.dry_run {
+        None
+    } else {
+        Some(RunLock::acquire(&ck_path)?)
+    };
+    let ck = Checkpoint::open(&ck_path)?;
+
+    let options_json = serde_json::to_string(opts)?;
+    let mut resumed = false;
+    let run = match ck.unfinished_run("import", &key, &opts.beta)? {
+        Some(r) if !opts.fresh && opts.source != Source::Stdin => {
+            if r.input_size != Some(size) || r.input_hash.as_deref() != Some(hash.as_str()) {
+                return Err(usage(format!(
+                    "{} changed since run {} started on it (size or content differs); \
+                     to start over with the new file, add --fresh",
+                    opts.source.display(),
+                    r.id
+                )));
+            }
+            resumed = true;
+            tracing::info!(run = r.id, "resuming run {}", r.id);
+            r.id
+        }
+        other => {
+            if let Some(r) = other {
+                ck.abandon(r.id)?;
+            }
+            ck.new_run(
+                "import",
+                &key,
+                Some(size),
+                Some(&hash),
+                &opts.beta,
+                &options_json,
+            )?
+        }
+    };
+    let planned = ck
+        .runs()?
+        .into_iter()
+        .find(|r| r.id == run)
+        .is_some_and(|r| r.planned);
+
+    if !planned {
+        let total = plan(&ck, run, &source, opts, &mapping)?;
+        if total.emailing > 0 && !opts.allow_emails {
+            ck.abandon(run)?;
+            return Err(usage(format!(
+                "{} rows set a status ({}) that makes Prefinery email these people (first at line {}); \
+                 add --allow-emails to send them, or change the status",
+                total.emailing,
+                EMAILING_STATUSES.join(", "),
+                total.first_emailing_line
+            )));
+        }
+        ck.set_planned(run, total.rows)?;
+    } else {
+        ck.set_state(run, "running")?;
+    }
+    let total_rows = ck
+        .runs()?
+        .into_iter()
+        .find(|r| r.id == run)
+        .and_then(|r| r.total_rows)
+        .unwrap_or(0) as u64;
+    let before = ck.counts(run)?;
+
+    // How to tell new users from existing ones.
+    let resolve = match opts.mode {
+        Mode::Create => None,
+        _ => Some(match opts.resolve {
+            Some(r) => r,
+            None => {
+                let beta = client.beta(&opts.beta).await?;
+                let users = beta.testers_count.unwrap_or(0);
+                let pages = users.div_ceil(PAGE_SIZE as u64);
+                let open = before.pending;
+                let choice = if pages < open {
+                    Resolve::List
+                } else {
+                    Resolve::Lookup
+                };
+                tracing::info!(
+                    project_users = users,
+                    rows_to_do = open,
+                    "resolving emails by {}: listing costs {pages} testers-list calls, looking up costs {open}",
+                    match choice {
+                        Resolve::List => "listing the project",
+                        Resolve::Lookup => "looking each email up",
+                    }
+                );
+                choice
+            }
+        }),
+    };
+    if resolve == Some(Resolve::List) && before.pending > 0 {
+        list_project(client, &ck, run, &opts.beta, &stop).await?;
+    }
+
+    // The writer thread owns the checkpoint from here on.
+    let (wtx, wrx) = mpsc::channel::<ToWriter>(opts.concurrency * 4 + 16);
+    let done_count = Arc::new(AtomicU64::new(before.finished()));
+    let writer = {
+        let done = done_count.clone();
+        std::thread::spawn(move || writer_loop(ck, run, wrx, done))
+    };
+
+    // The reader thread feeds the workers.
+    let (jtx, jrx) = mpsc::channel::<Job>(opts.concurrency * 2);
+    let reader = {
+        let stop = stop.clone();
+        let mapping = mapping.clone();
+        let ck_path = ck_path.clone();
+        let source = source.clone();
+        let encoding = opts.encoding;
+        let track = resolve == Some(Resolve::List);
+        tokio::task::spawn_blocking(move || {
+            read_open_rows(
+                &ck_path, run, &source, encoding, delimiter, &mapping, track, jtx, &stop,
+            )
+        })
+    };
+
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        beta: opts.beta.clone(),
+        mode: opts.mode,
+        resolve,
+        default_status: opts.default_status.clone(),
+        dry_run: opts.dry_run,
+        writer: wtx,
+        stop: stop.clone(),
+        fatal: std::sync::Mutex::new(None),
+    });
+
+    // --max-duration stops the run cleanly.
+    let timer = opts.max_duration.map(|d| {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(d).await;
+            tracing::warn!("--max-duration reached: stopping after the calls in flight");
+            stop.trigger();
+        })
+    });
+    let ticker = {
+        let progress = progress.clone();
+        let done = done_count.clone();
+        let stats = client.stats().clone();
+        let limiter = client.limiter().clone();
+        let beta = opts.beta.clone();
+        let start_done = before.finished();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let d = done.load(Ordering::Relaxed);
+                let elapsed = started.elapsed();
+                let rate = (d - start_done) as f64 / elapsed.as_secs_f64().max(0.001);
+                let left = total_rows.saturating_sub(d);
+                // When lookups are needed, each row costs a testers-list
+                // call: the limit, not the speed so far, bounds the ETA.
+                let limit_rate = match resolve {
+                    Some(Resolve::Lookup) => limiter
+                        .quota(crate::api::RateClass::TestersList)
+                        .map(|q| f64::from(q.count) / q.period.as_secs_f64()),
+                    _ => None,
+                };
+                let eff = match limit_rate {
+                    Some(l) if rate > 0.0 => rate.min(l),
+                    Some(l) => l,
+                    None => rate,
+                };
+                let _ = &beta;
+                progress.update(&Snapshot {
+                    done: d,
+                    total: total_rows,
+                    unit: "rows",
+                    elapsed,
+                    limiter_wait: Duration::from_millis(
+                        stats.limiter_wait_ms.load(Ordering::Relaxed),
+                    ),
+                    throttled: stats.throttled.load(Ordering::Relaxed),
+                    eta: (eff > 0.0).then(|| Duration::from_secs_f64(left as f64 / eff)),
+                });
+            }
+        })
+    };
+
+    tokio_stream_from(jrx)
+        .for_each_concurrent(opts.concurrency, |job| {
+            let ctx = ctx.clone();
+            async move { work(&ctx, job).await }
+        })
+        .await;
+
+    if let Some(t) = timer {
+        t.abort();
+    }
+    ticker.abort();
+    progress.finish();
+    let reader_result = reader.await.context("the input reader panicked")?;
+    let fatal = ctx.fatal.lock().unwrap().take();
+    drop(ctx);
+    let ck = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the checkpoint writer panicked"))??;
+    reader_result?;
+
+    let counts = ck.counts(run)?;
+    let stopped = counts.pending > 0;
+    ck.set_state(run, if stopped { "stopped" } else { "done" })?;
+
+    // Reports, from the checkpoint, in line order.
+    let errors_file = if counts.rejected > 0 && (!opts.dry_run || opts.errors.is_some()) {
+        let p = opts
+            .errors
+            .clone()
+            .unwrap_or_else(|| default_errors_path(&opts.checkpoint, run));
+        let headers = CsvInput::open(&source, opts.encoding, delimiter)?.headers;
+        report::write_errors(&ck, run, &headers, &p)?;
+        Some(p.display().to_string())
+    } else {
+        None
+    };
+    let results_file = match &opts.results {
+        Some(p) => {
+            report::write_results(&ck, run, p)?;
+            Some(p.display().to_string())
+        }
+        None => None,
+    };
+
+    let stats = client.stats();
+    let summary = ImportSummary {
+        run_id: run,
+        input: opts.source.display(),
+        beta: opts.beta.clone(),
+        dry_run: opts.dry_run,
+        resumed,
+        total_rows,
+        created: counts.created,
+        updated: counts.updated,
+        unchanged: counts.unchanged,
+        rejected: counts.rejected,
+        pending: counts.pending,
+        api_calls: stats.requests.load(Ordering::Relaxed),
+        throttled: stats.throttled.load(Ordering::Relaxed),
+        retries: stats.retries.load(Ordering::Relaxed),
+        elapsed_secs: started.elapsed().as_secs_f64(),
+        stopped,
+        resolve: match resolve {
+            None => "none (create only)".into(),
+            Some(Resolve::List) => "list".into(),
+            Some(Resolve::Lookup) => "lookup".into(),
+        },
+        unmapped_columns: mapping.unmapped.clone(),
+        errors_file,
+        results_file,
+        checkpoint: if opts.dry_run {
+            "(none: dry run)".into()
+        } else {
+            opts.checkpoint.display().to_string()
+        },
+    };
+    if let Some(e) = fatal {
+        return Err(anyhow::Error::new(e).context(format!("import stopped:\n{summary}")));
+    }
+    Ok(summary)
+}
+
+/// The errors report's default place: beside the checkpoint.
+pub fn default_errors_path(checkpoint: &Path, run: i64) -> PathBuf {
+    let stem = checkpoint
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "prefsync".into());
+    checkpoint.with_file_name(format!("{stem}.run{run}.errors.csv"))
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+struct PlanTotals {
+    rows: u64,
+    emailing: u64,
+    first_emailing_line: u64,
+}
+
+/// The planning pass: every row validated and recorded.
+fn plan(
+    ck: &Checkpoint,
+    run: i64,
+    source: &Source,
+    opts: &ImportOptions,
+    mapping: &Mapping,
+) -> anyhow::Result<PlanTotals> {
+    let mut csv = CsvInput::open(source, opts.encoding, opts.delimiter.map(|c| c as u8))?;
+    let mut totals = PlanTotals {
+        rows: 0,
+        emailing: 0,
+        first_emailing_line: 0,
+    };
+    let mut in_batch = 0;
+    ck.begin()?;
+    while let Some(rec) = csv.next_record()? {
+        totals.rows += 1;
+        let rejected = |line: u64, message: String, fields: &[String]| RowUpdate::Rejected {
+            line,
+            class: "validation",
+            http_status: None,
+            message,
+            raw: Some(serde_json::to_string(fields).unwrap()),
+        };
+        match rec {
+            Err(bad) => ck.apply(run, &rejected(bad.line, bad.message, &bad.fields))?,
+            Ok(r) => match mapping.apply(&r.fields) {
+                Err(msg) => ck.apply(run, &rejected(r.line, msg, &r.fields))?,
+                Ok(row) => match ck.plan_row(run, r.line, &row.email_key)? {
+                    Some(first) => ck.apply(
+                        run,
+                        &rejected(
+                            r.line,
+                            format!(
+                                "duplicate: the email {:?} is already on line {first}",
+                                row.email_key
+                            ),
+                            &r.fields,
+                        ),
+                    )?,
+                    None => {
+                        let status = row.input.status.as_deref();
+                        if status.is_some_and(|s| EMAILING_STATUSES.contains(&s)) {
+                            totals.emailing += 1;
+                            if totals.first_emailing_line == 0 {
+                                totals.first_emailing_line = r.line;
+                            }
+                        }
+                    }
+                },
+            },
+        }
+        in_batch += 1;
+        if in_batch >= PLAN_BATCH {
+            ck.commit()?;
+            ck.begin()?;
+            in_batch = 0;
+        }
+    }
+    ck.commit()?;
+    Ok(totals)
+}
+
+/// Lists every user of the project into the checkpoint.
+async fn list_project(
+    client: &Client,
+    ck: &Checkpoint,
+    run: i64,
+    beta: &str,
+    stop: &Stop,
+) -> anyhow::Result<()> {
+    let mut pages = std::pin::pin!(client.pages::<Value>(
+        Op::TestersList,
+        Some(beta.to_string()),
+        format!("betas/{beta}/testers.json"),
+        vec![],
+        1
+    ));
+    let mut n = 0u64;
+    while let Some(page) = pages.next().await {
+        if stop.is_set() {
+            return Err(anyhow::Error::new(StoppedError(
+                "stopped while listing the project".into(),
+            )));
+        }
+        let page = page?;
+        ck.begin()?;
+        for t in &page.items {
+            let (Some(email), Some(id)) = (
+                t.get("email").and_then(Value::as_str),
+                t.get("id").and_then(Value::as_u64),
+            ) else {
+                continue;
+            };
+            ck.store_known(run, &email.to_lowercase(), id, &t.to_string())?;
+            n += 1;
+        }
+        ck.commit()?;
+    }
+    tracing::info!(users = n, "listed the project");
+    Ok(())
+}
+
+/// The main pass's reader: the rows still open, in line order.
+#[allow(clippy::too_many_arguments)]
+fn read_open_rows(
+    ck_path: &Path,
+    run: i64,
+    source: &Source,
+    encoding: Option<Encoding>,
+    delimiter: Option<u8>,
+    mapping: &Mapping,
+    with_known: bool,
+    jobs: mpsc::Sender<Job>,
+    stop: &Stop,
+) -> anyhow::Result<()> {
+    let ck = Checkpoint::open(ck_path)?;
+    let mut csv = CsvInput::open(source, encoding, delimiter)?;
+    let mut open = ck.open_rows(run, 0, OPEN_CHUNK)?.into_iter().peekable();
+    let mut last = 0u64;
+    while let Some(rec) = csv.next_record()? {
+        if stop.is_set() {
+            break;
+        }
+        let line = match &rec {
+            Ok(r) => r.line,
+            Err(b) => b.line,
+        };
+        if open.peek().is_none() {
+            let more = ck.open_rows(run, last, OPEN_CHUNK)?;
+            if more.is_empty() {
+                break;
+            }
+            open = more.into_iter().peekable();
+        }
+        while open.peek().is_some_and(|(l, _, _)| *l < line) {
+            last = open.next().unwrap().0;
+        }
+        let Some((l, was_sending, _intent)) = open.peek().cloned() else {
+            continue;
+        };
+        if l != line {
+            continue;
+        }
+        open.next();
+        last = line;
+        let Ok(r) = rec else { continue };
+        let Ok(row) = mapping.apply(&r.fields) else {
+            continue;
+        };
+        let known = if with_known {
+            ck.known(run, &row.email_key)?
+                .and_then(|s| serde_json::from_str(&s).ok())
+        } else {
+            None
+        };
+        let job = Job {
+            line,
+            email_key: row.email_key,
+            input: row.input,
+            raw: r.fields,
+            was_sending,
+            known,
+        };
+        if jobs.blocking_send(job).is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Owns the checkpoint: applies updates in batches, one transaction each,
+/// and acknowledges `sending` marks once they are committed.
+fn writer_loop(
+    ck: Checkpoint,
+    run: i64,
+    mut rx: mpsc::Receiver<ToWriter>,
+    done: Arc<AtomicU64>,
+) -> anyhow::Result<Checkpoint> {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < 512 {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        ck.begin()?;
+        let mut acks = Vec::new();
+        for ToWriter::Update(u, ack) in batch {
+            ck.apply(run, &u)?;
+            if !matches!(u, RowUpdate::Sending { .. }) {
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(a) = ack {
+                acks.push(a);
+            }
+        }
+        ck.commit()?;
+        for a in acks {
+            let _ = a.send(());
+        }
+    }
+    Ok(ck)
+}
+
+/// What became of one row.
+enum Outcome {
+    Row(RowUpdate),
+    /// The whole run must stop (access denied, throttled past its budget).
+    Abort(ApiError),
+    /// Stopped before the row was sent: it stays open for the next run.
+    Left,
+}
+
+async fn work(ctx: &Ctx, job: Job) {
+    if ctx.stop.is_set() {
+        return;
+    }
+    match process(ctx, &job).await {
+        Outcome::Row(u) => {
+            let _ = ctx.writer.send(ToWriter::Update(u, None)).await;
+        }
+        Outcome::Abort(e) => {
+            let mut f = ctx.fatal.lock().unwrap();
+            if f.is_none() {
+                tracing::error!("stopping the import: {e}");
+                *f = Some(e);
+            }
+            ctx.stop.trigger();
+        }
+        Outcome::Left => {}
+    }
+}
+
+fn rejected(job: &Job, class: &'static str, status: Option<u16>, message: String) -> Outcome {
+    Outcome::Row(RowUpdate::Rejected {
+        line: job.line,
+        class,
+        http_status: status,
+        message,
+        raw: Some(serde_json::to_string(&job.raw).unwrap()),
+    })
+}
+
+/// Sorts a failed call into the row's fate.
+fn classify(job: &Job, e: ApiError) -> Outcome {
+    match e {
+        e if e.is_access_denied() => Outcome::Abort(e),
+        e @ (ApiError::Throttled { .. }
+        | ApiError::ProjectNotFound { .. }
+        | ApiError::Cancelled { .. }) => Outcome::Abort(e),
+        e @ (ApiError::Server { .. } | ApiError::Transport { .. }) => {
+            let status = e.status();
+            rejected(job, "retries_exhausted", status, e.to_string())
+        }
+        e @ ApiError::OutcomeUnknown { .. } => {
+            rejected(job, "outcome_unknown", None, e.to_string())
+        }
+        e => {
+            let status = e.status();
+            rejected(job, "rejected_by_api", status, e.to_string())
+        }
+    }
+}
+
+async fn lookup(ctx: &Ctx, email: &str) -> Result<Option<Value>, ApiError> {
+    let t: Option<Tester> = ctx.client.find_tester(&ctx.beta, email).await?;
+    Ok(t.map(|t| serde_json::to_value(t).unwrap()))
+}
+
+fn id_of(t: &Value) -> u64 {
+    t.get("id").and_then(Value::as_u64).unwrap_or(0)
+}
+
+async fn process(ctx: &Ctx, job: &Job) -> Outcome {
+    let email = job.input.email.clone().unwrap_or_default();
+    let existing = if job.was_sending {
+        // The previous run may have created this user just before it died.
+        match lookup(ctx, &email).await {
+            Ok(Some(t)) => {
+                return Outcome::Row(RowUpdate::Done {
+                    line: job.line,
+                    action: "created",
+                    tester_id: id_of(&t),
+                });
+            }
+            Ok(None) => None,
+            Err(e) => return classify(job, e),
+        }
+    } else {
+        match ctx.resolve {
+            None => None,
+            Some(Resolve::List) => job.known.clone(),
+            Some(Resolve::Lookup) => match lookup(ctx, &email).await {
+                Ok(t) => t,
+                Err(e) => return classify(job, e),
+            },
+        }
+    };
+    match (existing, ctx.mode) {
+        (Some(t), Mode::Create) => rejected(
+            job,
+            "rejected_by_api",
+            None,
+            format!(
+                "{} already exists in the project (id {}); --mode create does not update users",
+                job.email_key,
+                id_of(&t)
+            ),
+        ),
+        (Some(t), _) => update(ctx, job, &t).await,
+        (None, Mode::Update) => rejected(
+            job,
+            "rejected_by_api",
+            None,
+            format!(
+                "{} is not in the project; --mode update does not create users",
+                job.email_key
+            ),
+        ),
+        (None, _) => create(ctx, job).await,
+    }
+}
+
+async fn update(ctx: &Ctx, job: &Job, current: &Value) -> Outcome {
+    let id = id_of(current);
+    let Some(change) = mapping::diff(current, &job.input) else {
+        return Outcome::Row(RowUpdate::Done {
+            line: job.line,
+            action: "unchanged",
+            tester_id: id,
+        });
+    };
+    if ctx.dry_run {
+        return Outcome::Row(RowUpdate::Done {
+            line: job.line,
+            action: "updated",
+            tester_id: id,
+        });
+    }
+    match ctx.client.update_tester(&ctx.beta, id, &change).await {
+        Ok(_) => Outcome::Row(RowUpdate::Done {
+            line: job.line,
+            action: "updated",
+            tester_id: id,
+        }),
+        Err(e) => classify(job, e),
+    }
+}
+
+async fn create(ctx: &Ctx, job: &Job) -> Outcome {
+    let mut input = job.input.clone();
+    if input.status.is_none() {
+        input.status = Some(ctx.default_status.clone());
+    }
+    if ctx.dry_run {
+        return Outcome::Row(RowUpdate::Done {
+            line: job.line,
+            action: "created",
+            tester_id: 0,
+        });
+    }
+    let email = input.email.clone().unwrap_or_default();
+    for _ in 0..CREATE_TRIES {
+        if ctx.stop.is_set() {
+            return Outcome::Left;
+        }
+        // Durably `sending` before the request leaves.
+        let (tx, rx) = oneshot::channel();
+        if ctx
+            .writer
+            .send(ToWriter::Update(
+                RowUpdate::Sending {
+                    line: job.line,
+                    intent: "create",
+                },
+                Some(tx),
+            ))
+            .await
+            .is_err()
+            || rx.await.is_err()
+        {
+            return Outcome::Left;
+        }
+        match ctx.client.create_tester(&ctx.beta, &input).await {
+            Ok(t) => {
+                return Outcome::Row(RowUpdate::Done {
+                    line: job.line,
+                    action: "created",
+                    tester_id: t.id,
+                });
+            }
+            Err(ApiError::OutcomeUnknown { cause, .. }) => {
+                tracing::debug!(line = job.line, %cause, "create outcome unknown; looking the email up");
+                match lookup(ctx, &email).await {
+                    Ok(Some(t)) => {
+                        return Outcome::Row(RowUpdate::Done {
+                            line: job.line,
+                            action: "created",
+                            tester_id: id_of(&t),
+                        });
+                    }
+                    Ok(None) => continue,
+                    Err(e) => return classify(job, e),
+                }
+            }
+            Err(ApiError::Rejected {
+                status: 422,
+                messages,
+                ..
+            }) if messages.mentions("taken") || messages.mentions("already exists") => {
+                // Someone else created it since it was resolved: update it.
+                match lookup(ctx, &email).await {
+                    Ok(Some(t)) if ctx.mode != Mode::Create => return update(ctx, job, &t).await,
+                    Ok(_) => {
+                        return rejected(
+                            job,
+                            "rejected_by_api",
+                            Some(422),
+                            format!("the API says the email is taken: {messages}"),
+                        );
+                    }
+                    Err(e) => return classify(job, e),
+                }
+            }
+            Err(e) => return classify(job, e),
+        }
+    }
+    rejected(
+        job,
+        "outcome_unknown",
+        None,
+        format!(
+            "the create was sent {CREATE_TRIES} times without a clear answer and the user is not in the project; run again to retry"
+        ),
+    )
+}
