@@ -1,0 +1,379 @@
+//! Import end to end against the in-process sandbox.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use prefsync::import::input::{Encoding, Source};
+use prefsync::import::{ImportOptions, ImportSummary, Mode, Resolve, import};
+use prefsync::progress::Silent;
+use prefsync::sandbox::{Sandbox, SandboxConfig};
+use prefsync::stop::Stop;
+use serde_json::Value;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    sandbox: Sandbox,
+}
+
+impl Fixture {
+    async fn new(config: SandboxConfig) -> Fixture {
+        Fixture {
+            dir: tempfile::tempdir().unwrap(),
+            sandbox: common::sandbox(config).await,
+        }
+    }
+
+    fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    fn opts(&self, file: &Path) -> ImportOptions {
+        let mut o = ImportOptions::new(
+            "a9b8c7de",
+            Source::File(file.to_path_buf()),
+            self.dir.path().join("ck.sqlite"),
+        );
+        o.errors = Some(self.dir.path().join("errors.csv"));
+        o.results = Some(self.dir.path().join("results.csv"));
+        o
+    }
+
+    async fn run(&self, o: &ImportOptions) -> anyhow::Result<ImportSummary> {
+        import(
+            &common::client(&self.sandbox),
+            o,
+            Stop::default(),
+            Arc::new(Silent),
+        )
+        .await
+    }
+
+    fn users(&self) -> Vec<Value> {
+        common::users(&self.sandbox, 1)
+    }
+
+    fn user(&self, email: &str) -> Value {
+        self.users()
+            .into_iter()
+            .find(|u| u["email"] == email)
+            .unwrap_or_else(|| panic!("no user {email}"))
+    }
+
+    fn csv(&self, name: &str) -> Vec<Vec<String>> {
+        let mut r = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .from_path(self.dir.path().join(name))
+            .unwrap();
+        r.records()
+            .map(|x| x.unwrap().iter().map(str::to_string).collect())
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn encodings_delimiters_bom_and_multiline_fields() {
+    let f = Fixture::new(SandboxConfig::default()).await;
+    // Windows-1252 (Excel on Windows), semicolons, CRLF.
+    let cp1252 = f.file("excel.csv", b"Email;First Name;Last Name\r\nzoe@x.io;Zo\xEB;M\xFCller\r\nrene@x.io;Ren\xE9;\"Multi\r\nline\"\r\n");
+    let s = f.run(&f.opts(&cp1252)).await.unwrap();
+    assert_eq!((s.created, s.rejected), (2, 0));
+    assert_eq!(f.user("zoe@x.io")["profile"]["first_name"], "Zoë");
+    assert_eq!(f.user("zoe@x.io")["profile"]["last_name"], "Müller");
+    assert_eq!(f.user("rene@x.io")["profile"]["last_name"], "Multi\r\nline");
+    // UTF-8 with a BOM, tabs.
+    let tabs = f.file(
+        "tabs.tsv",
+        "\u{feff}email\tfirst_name\n\"ann@x.io\"\tÅsa \"Q\"\n".as_bytes(),
+    );
+    let s = f.run(&f.opts(&tabs)).await.unwrap();
+    assert_eq!(s.created, 1);
+    assert_eq!(f.user("ann@x.io")["profile"]["first_name"], "Åsa \"Q\"");
+    // Latin-1 forced on a file that is valid UTF-8 would mangle it: it is
+    // detected as UTF-8 instead, and --encoding wins when given.
+    let mut o = f.opts(&f.file("latin.csv", b"email,first_name\nlat@x.io,Jos\xE9\n"));
+    o.encoding = Some(Encoding::Windows1252);
+    f.run(&o).await.unwrap();
+    assert_eq!(f.user("lat@x.io")["profile"]["first_name"], "José");
+}
+
+#[tokio::test]
+async fn mapping_and_unmapped_columns() {
+    let f = Fixture::new(SandboxConfig::default()).await;
+    let input = f.file(
+        "in.csv",
+        b"E-Mail,Full Name,Joined,Shoe size,response.77,Notes\na@x.io,Ada King Lovelace,12/31/2024,38,yes,secret\n",
+    );
+    let map = f.file(
+        "map.toml",
+        br#"[columns]
+"Full Name" = "split_name"
+"Joined" = { to = "profile.joined_on", date = "%m/%d/%Y" }
+"Notes" = "ignore"
+[constants]
+"custom_var2" = "wave-1"
+"#,
+    );
+    let mut o = f.opts(&input);
+    o.map = Some(map);
+    let s = f.run(&o).await.unwrap();
+    assert_eq!(s.unmapped_columns, vec!["Shoe size".to_string()]);
+    let u = f.user("a@x.io");
+    assert_eq!(u["profile"]["first_name"], "Ada King");
+    assert_eq!(u["profile"]["last_name"], "Lovelace");
+    assert_eq!(u["profile"]["joined_on"], "2024-12-31");
+    assert_eq!(u["profile"]["custom_var2"], "wave-1");
+    assert!(u["profile"].get("Notes").is_none() && u["profile"].get("Shoe size").is_none());
+    assert_eq!(u["responses"][0]["question_id"], "77");
+    // --strict refuses the unmapped column before any call.
+    let mut o = f.opts(&input);
+    o.strict = true;
+    o.fresh = true;
+    let e = f.run(&o).await.unwrap_err();
+    assert!(e.to_string().contains("Shoe size"), "{e}");
+    assert_eq!(prefsync::exit::exit_for(&e).code(), 2);
+}
+
+#[tokio::test]
+async fn every_validation_error_lands_in_the_report_which_feeds_back_in() {
+    let f = Fixture::new(SandboxConfig::default()).await;
+    let input = f.file(
+        "in.csv",
+        b"email,status,first_name\n\
+good@x.io,applied,Good\n\
+,applied,NoEmail\n\
+bad email@x.io,applied,Space\n\
+nodomain@x,applied,Dom\n\
+GOOD@x.io,applied,Dup\n\
+odd@x.io,vip,Status\n\
+also@x.io,,Fine\n",
+    );
+    let s = f.run(&f.opts(&input)).await.unwrap();
+    assert_eq!((s.created, s.rejected), (2, 5));
+    let errors = f.csv("errors.csv");
+    assert_eq!(
+        errors[0],
+        [
+            "email",
+            "status",
+            "first_name",
+            "prefsync_line",
+            "prefsync_error_class",
+            "prefsync_http_status",
+            "prefsync_message"
+        ]
+    );
+    let by_line = |l: &str| errors.iter().find(|r| r[3] == l).unwrap().clone();
+    assert!(by_line("3")[6].contains("empty"));
+    assert!(by_line("4")[6].contains("space"));
+    assert!(by_line("5")[6].contains("domain"));
+    assert!(
+        by_line("6")[6].contains("already on line 2"),
+        "{:?}",
+        by_line("6")
+    );
+    assert!(by_line("7")[6].contains("unknown status \"vip\""));
+    assert!(errors.iter().skip(1).all(|r| r[4] == "validation"));
+    // The original cells are kept as they were.
+    assert_eq!(by_line("4")[..3], ["bad email@x.io", "applied", "Space"]);
+    // Results: one line per input line, by line number.
+    let results = f.csv("results.csv");
+    let lines: Vec<&str> = results.iter().skip(1).map(|r| r[0].as_str()).collect();
+    assert_eq!(lines, ["2", "3", "4", "5", "6", "7", "8"]);
+    assert_eq!(results[1][2], "created");
+    assert_eq!(results[7][2], "created");
+
+    // Fix the errors file and feed it straight back in.
+    let text = std::fs::read_to_string(f.dir.path().join("errors.csv")).unwrap();
+    let fixed = text
+        .replace(",applied,NoEmail", "noemail@x.io,applied,NoEmail")
+        .replace("bad email@x.io", "bademail@x.io")
+        .replace("nodomain@x,", "nodomain@x.io,")
+        .replace(",vip,", ",applied,");
+    let back = f.file("fixed.csv", fixed.as_bytes());
+    let mut o = f.opts(&back);
+    o.errors = Some(f.dir.path().join("errors2.csv"));
+    let s = f.run(&o).await.unwrap();
+    assert!(
+        s.unmapped_columns.is_empty(),
+        "report columns are recognised"
+    );
+    // The duplicate is now an update of the existing user.
+    assert_eq!((s.created, s.updated, s.rejected), (4, 1, 0));
+    assert_eq!(f.user("good@x.io")["profile"]["first_name"], "Dup");
+}
+
+#[tokio::test]
+async fn dry_run_writes_nothing() {
+    let f = Fixture::new(SandboxConfig {
+        seed_testers: 3,
+        ..Default::default()
+    })
+    .await;
+    let input = f.file(
+        "in.csv",
+        b"email,first_name\nuser1@example.com,Changed\nnew@x.io,New\nbroken\n",
+    );
+    let mut o = f.opts(&input);
+    o.dry_run = true;
+    let before = f.users();
+    let s = f.run(&o).await.unwrap();
+    assert_eq!((s.created, s.updated, s.rejected), (1, 1, 1));
+    assert_eq!(f.users(), before);
+    assert!(!f.dir.path().join("ck.sqlite").exists(), "no checkpoint");
+    let plan = f.csv("results.csv");
+    assert_eq!(plan[1][2], "updated");
+    assert_eq!(plan[2][2], "created");
+    let stats = f.sandbox.app.stats_json();
+    assert!(
+        stats["routes"].get("testers.create").is_none()
+            && stats["routes"].get("testers.update").is_none()
+    );
+}
+
+#[tokio::test]
+async fn no_email_is_sent_unless_asked() {
+    let f = Fixture::new(SandboxConfig::default()).await;
+    let plain = f.file("plain.csv", b"email\na@x.io\nb@x.io\n");
+    f.run(&f.opts(&plain)).await.unwrap();
+    assert_eq!(f.user("a@x.io")["status"], "imported");
+    let invite = f.file(
+        "invite.csv",
+        b"email,status\nc@x.io,invited\nd@x.io,applied\ne@x.io,rejected\n",
+    );
+    let e = f.run(&f.opts(&invite)).await.unwrap_err();
+    assert!(e.to_string().contains("2 rows set a status"), "{e}");
+    assert!(e.to_string().contains("--allow-emails"));
+    assert_eq!(f.users().len(), 2, "nothing was sent");
+    assert!(f.sandbox.app.with_world(|w| w.outbox.is_empty()));
+    let mut o = f.opts(&invite);
+    o.allow_emails = true;
+    let s = f.run(&o).await.unwrap();
+    assert_eq!(s.created, 3);
+    assert_eq!(
+        f.sandbox.app.with_world(|w| w.outbox.len()),
+        1,
+        "invited emails; a new user cannot be rejected"
+    );
+}
+
+#[tokio::test]
+async fn upsert_both_ways_by_list_and_by_lookup() {
+    for resolve in [Resolve::List, Resolve::Lookup] {
+        let f = Fixture::new(SandboxConfig {
+            seed_testers: 60,
+            ..Default::default()
+        })
+        .await;
+        let before = f.user("user7@example.com");
+        let input = f.file(
+            "in.csv",
+            format!(
+                "email,first_name,last_name\nuser7@example.com,Renamed,{}\nUSER8@example.com,{},{}\nfresh@x.io,F,G\n",
+                csv_quote(before["profile"]["last_name"].as_str().unwrap()),
+                f.user("user8@example.com")["profile"]["first_name"].as_str().unwrap(),
+                csv_quote(f.user("user8@example.com")["profile"]["last_name"].as_str().unwrap()),
+            )
+            .as_bytes(),
+        );
+        let mut o = f.opts(&input);
+        o.resolve = Some(resolve);
+        let s = f.run(&o).await.unwrap();
+        assert_eq!(
+            (s.created, s.updated, s.unchanged, s.rejected),
+            (1, 1, 1, 0),
+            "{resolve:?}"
+        );
+        let after = f.user("user7@example.com");
+        assert_eq!(after["id"], before["id"]);
+        assert_eq!(after["profile"]["first_name"], "Renamed");
+        assert_eq!(
+            after["status"], before["status"],
+            "an update leaves the status alone"
+        );
+        assert_eq!(f.users().len(), 61);
+    }
+    // --mode create refuses existing users, --mode update new ones.
+    let f = Fixture::new(SandboxConfig {
+        seed_testers: 5,
+        ..Default::default()
+    })
+    .await;
+    let input = f.file(
+        "in.csv",
+        b"email,first_name\nuser1@example.com,X\nnew@x.io,Y\n",
+    );
+    let mut o = f.opts(&input);
+    o.mode = Mode::Create;
+    let s = f.run(&o).await.unwrap();
+    assert_eq!((s.created, s.rejected), (1, 1));
+    let mut o = f.opts(&f.file(
+        "in2.csv",
+        b"email,first_name\nuser1@example.com,X\nnewer@x.io,Y\n",
+    ));
+    o.mode = Mode::Update;
+    let s = f.run(&o).await.unwrap();
+    assert_eq!((s.updated, s.rejected), (1, 1));
+    assert!(f.users().iter().all(|u| u["email"] != "newer@x.io"));
+}
+
+fn csv_quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Faults on every side: 5xx before writes, 5xx or dropped connections after
+/// writes, dropped connections, and throttling (the client asks for twice the
+/// rate the sandbox allows). The project ends with exactly the right users,
+/// each created once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_and_throttling_end_with_exactly_the_right_users() {
+    let f = Fixture::new(SandboxConfig {
+        seed_testers: 50,
+        fail_rate: 0.05,
+        fail_after_write_rate: 0.05,
+        drop_rate: 0.02,
+        rate_scale: 60.0,
+        seed: 42,
+        ..Default::default()
+    })
+    .await;
+    let mut text = String::from("email,first_name\n");
+    for i in 1..=400 {
+        // The first 50 exist (updates), the rest are new.
+        text.push_str(&format!("user{i}@example.com,Name{i}\n"));
+    }
+    let input = f.file("in.csv", text.as_bytes());
+    let mut o = f.opts(&input);
+    o.resolve = Some(Resolve::Lookup);
+    o.concurrency = 8;
+    let client = common::client_for(
+        &f.sandbox.base_url(),
+        common::KEY,
+        &["testers-list=120/1s", "account-list=1000/1s"],
+    );
+    let s = import(&client, &o, Stop::default(), Arc::new(Silent))
+        .await
+        .unwrap();
+    assert_eq!(s.rejected, 0, "{s}");
+    assert_eq!(s.created + s.updated, 400);
+    assert!(s.throttled > 0, "the sandbox throttled: {s}");
+    let users = f.users();
+    assert_eq!(users.len(), 400);
+    for i in 1..=400 {
+        let u = users
+            .iter()
+            .find(|u| u["email"] == format!("user{i}@example.com"))
+            .unwrap();
+        assert_eq!(u["profile"]["first_name"], format!("Name{i}"));
+    }
+    // Nobody was created twice: a second create of the same email would
+    // have been refused as taken.
+    let stats = f.sandbox.app.stats_json();
+    assert!(
+        stats["routes"]["testers.create"].get("422").is_none(),
+        "{stats:#}"
+    );
+}

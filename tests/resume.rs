@@ -1,0 +1,151 @@
+//! Interrupted imports resume with nobody created twice and nobody skipped:
+//! kill -9 of a real process mid-run, Ctrl-C (SIGINT), and the lock against
+//! a second run.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use prefsync::sandbox::{Sandbox, SandboxConfig};
+
+const ROWS: usize = 1200;
+
+fn spawn_import(s: &Sandbox, dir: &std::path::Path) -> Child {
+    Command::new(assert_cmd::cargo::cargo_bin("prefsync"))
+        .args([
+            "import",
+            "testers",
+            "--beta",
+            "1",
+            "--concurrency",
+            "8",
+            "-q",
+        ])
+        // The sandbox enforces the documented limits at 60x.
+        .args([
+            "--rate",
+            "testers-list=60/1s",
+            "--rate",
+            "account-list=180/1s",
+            "--rate",
+            "betas=90/15s",
+            "--file",
+        ])
+        .arg(dir.join("in.csv"))
+        .arg("--checkpoint")
+        .arg(dir.join("ck.sqlite"))
+        .arg("--summary-json")
+        .arg(dir.join("summary.json"))
+        .env("PREFINERY_BASE_URL", s.base_url())
+        .env("PREFINERY_API_KEY", common::KEY)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn write_input(dir: &std::path::Path) {
+    let mut text = String::from("email,first_name\n");
+    for i in 0..ROWS {
+        text.push_str(&format!("person{i}@example.org,P{i}\n"));
+    }
+    std::fs::write(dir.join("in.csv"), text).unwrap();
+}
+
+async fn wait_for_users(s: &Sandbox, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while common::users(s, 1).len() < n {
+        assert!(Instant::now() < deadline, "the import made no progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn finish(child: Child) -> (i32, String) {
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn assert_exactly_once(s: &Sandbox) {
+    let users = common::users(s, 1);
+    assert_eq!(users.len(), ROWS, "nobody skipped");
+    let stats = s.app.stats_json();
+    let creates = &stats["routes"]["testers.create"];
+    assert!(
+        creates.get("422").is_none(),
+        "a create was sent twice: {creates}"
+    );
+    assert_eq!(creates["201"].as_u64().unwrap() as usize, ROWS, "{creates}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_run_then_resume() {
+    let s = common::sandbox(SandboxConfig {
+        latency_ms: Some((2, 8)),
+        rate_scale: 60.0,
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    write_input(dir.path());
+    for stop_at in [200, 700] {
+        let mut child = spawn_import(&s, dir.path());
+        wait_for_users(&s, stop_at).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let n = common::users(&s, 1).len();
+        assert!(n < ROWS, "killed before the end ({n})");
+    }
+    let (code, stderr) = finish(spawn_import(&s, dir.path())).await;
+    assert_eq!(code, 0, "{stderr}");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["resumed"], true);
+    assert_eq!(
+        summary["created"].as_u64().unwrap() as usize,
+        ROWS,
+        "{summary}"
+    );
+    assert_exactly_once(&s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_with_exit_5_and_the_lock_holds_off_a_second_run() {
+    let s = common::sandbox(SandboxConfig {
+        latency_ms: Some((2, 8)),
+        rate_scale: 60.0,
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    write_input(dir.path());
+    let child = spawn_import(&s, dir.path());
+    wait_for_users(&s, 100).await;
+
+    // A second run on the same checkpoint is refused with exit 6.
+    let (code, stderr) = finish(spawn_import(&s, dir.path())).await;
+    assert_eq!(code, 6, "{stderr}");
+    assert!(stderr.contains(&format!("pid {}", child.id())), "{stderr}");
+
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let (code, stderr) = finish(child).await;
+    assert_eq!(code, 5, "{stderr}");
+    assert!(
+        stderr.contains("run the same command again to resume"),
+        "{stderr}"
+    );
+    let n = common::users(&s, 1).len();
+    assert!(n < ROWS);
+
+    let (code, stderr) = finish(spawn_import(&s, dir.path())).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_exactly_once(&s);
+}
