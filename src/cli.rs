@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::time::Duration;
 
 use crate::api::RateOverride;
+use crate::export::sink::Format;
 use crate::import::input::Encoding;
 use crate::import::mapping::EmptyCells;
 use crate::import::{Mode, Resolve};
@@ -44,9 +45,14 @@ pub struct GlobalArgs {
     )]
     pub base_url: String,
 
-    /// The project: its numeric API Beta ID or its project UID (Settings > General).
-    #[arg(long, global = true, env = "PREFINERY_BETA", value_name = "ID")]
-    pub beta: Option<String>,
+    /// The project: its numeric API Beta ID or its project UID (Settings > General). Repeatable for export.
+    #[arg(
+        long = "beta",
+        global = true,
+        env = "PREFINERY_BETA",
+        value_name = "ID"
+    )]
+    pub betas: Vec<String>,
 
     /// Override a rate quota, e.g. testers-list=60/1m, betas=90/15m, writes=20/1s. Repeatable.
     #[arg(long = "rate", global = true, value_name = "CLASS=N/PERIOD")]
@@ -85,6 +91,71 @@ pub enum Command {
     Import(ImportCmd),
     /// List the runs a checkpoint holds and their state.
     Runs(RunsArgs),
+    /// Export users, rewards, suppressions, points or projects (resumable).
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportWhat {
+    Testers,
+    Rewards,
+    Suppressions,
+    Points,
+    Betas,
+    /// Users, rewards, suppressions and points of each project, into one SQLite file.
+    All,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// What to export.
+    #[arg(value_enum)]
+    pub what: ExportWhat,
+    /// csv, jsonl or sqlite.
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// The output file (written beside, then renamed into place; SQLite is updated in place).
+    #[arg(long, value_name = "PATH")]
+    pub out: PathBuf,
+    /// Every project of the company (SQLite output).
+    #[arg(long)]
+    pub all_betas: bool,
+    /// Users whose email contains this (testers).
+    #[arg(long)]
+    pub email_contains: Option<String>,
+    /// Users whose first or last name matches (testers).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Users with this referral code (testers).
+    #[arg(long)]
+    pub referral_code: Option<String>,
+    /// Users with this value in custom_var1..3 (testers).
+    #[arg(long)]
+    pub custom_vars: Option<String>,
+    /// Rewards with this status: earned, delivered or revoked (rewards).
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Records of the user with this email (rewards, suppressions, points).
+    #[arg(long)]
+    pub email: Option<String>,
+    /// The checkpoint for CSV and JSONL (default: beside the output). SQLite output holds its own.
+    #[arg(long, value_name = "PATH")]
+    pub checkpoint: Option<PathBuf>,
+    /// Write the final summary as JSON here.
+    #[arg(long, value_name = "PATH")]
+    pub summary_json: Option<PathBuf>,
+    /// Stop cleanly (resumable, exit 5) after this long, e.g. 30m.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub max_duration: Option<Duration>,
+    /// Neutralise cells a spreadsheet would run as formulas (leading = + - @ tab CR) with a leading '.
+    #[arg(long)]
+    pub excel_safe: bool,
+    /// Start the CSV with a UTF-8 byte order mark (for Excel).
+    #[arg(long)]
+    pub bom: bool,
+    /// Start over instead of resuming an unfinished export to the same output.
+    #[arg(long)]
+    pub fresh: bool,
 }
 
 #[derive(Debug, Args)]

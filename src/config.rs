@@ -15,6 +15,8 @@ pub struct Connection {
     pub base_url: Url,
     pub key: ApiKey,
     pub beta: Option<String>,
+    /// Every `--beta` given (export takes several).
+    pub betas: Vec<String>,
     pub rates: Vec<RateOverride>,
 }
 
@@ -33,11 +35,16 @@ impl Connection {
             },
         };
         let base_url = parse_base_url(&g.base_url)?;
-        let beta = g.beta.as_deref().map(check_beta).transpose()?;
+        let betas = g
+            .betas
+            .iter()
+            .map(|b| check_beta(b))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Connection {
             base_url,
             key,
-            beta,
+            beta: betas.first().cloned(),
+            betas,
             rates: g.rates.clone(),
         })
     }
@@ -52,6 +59,9 @@ impl Connection {
     }
 
     pub fn require_beta(&self) -> anyhow::Result<&str> {
+        if self.betas.len() > 1 {
+            return Err(usage("this command takes one --beta"));
+        }
         self.beta.as_deref().ok_or_else(|| {
             usage("no project given: pass --beta ID (the numeric API Beta ID or the project UID) or set PREFINERY_BETA")
         })

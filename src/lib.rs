@@ -9,6 +9,7 @@ pub mod cli;
 pub mod cmd;
 pub mod config;
 pub mod exit;
+pub mod export;
 pub mod import;
 pub mod lock;
 pub mod output;
@@ -47,6 +48,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
             let conn = config::Connection::from_args(&cli.global)?;
             let beta = conn.require_beta()?.to_string();
             cmd::import::run(&conn.client(), a, &beta, progress_for(&cli.global)).await
+        }
+        Command::Export(a) => {
+            let conn = config::Connection::from_args(&cli.global)?;
+            cmd::export::run(&conn.client(), a, &conn, progress_for(&cli.global)).await
         }
         Command::Runs(a) => {
             if !a.checkpoint.exists() {

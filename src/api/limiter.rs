@@ -388,43 +388,58 @@ mod tests {
         assert!("writes=1".parse::<RateOverride>().is_err());
     }
 
-    /// Real time (the last stretch before a slot is a precise thread sleep,
-    /// which paused time does not govern): 60 per 600 ms, 8 workers.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    /// The slots handed out: never more than the quota in any window, and
+    /// 99% of it in steady state. Checked on the reservations themselves,
+    /// which are what the limiter guarantees; wake-up times add scheduler
+    /// noise that the 1% margin absorbs (the sandbox test measures arrivals).
+    #[tokio::test(start_paused = true)]
     async fn never_more_than_the_quota_in_any_window_and_uses_97_percent() {
+        let limiter = Limiter::new(&["testers-list=60/1m".parse().unwrap()]);
+        let gate = limiter.gate(RateClass::TestersList, Some("1"));
+        let start = Instant::now();
+        let mut slots: Vec<Duration> = (0..200).map(|_| gate.reserve() - start).collect();
+        slots.sort();
+        let window = Duration::from_secs(60);
+        for (i, t) in slots.iter().enumerate() {
+            let inside = slots[i..].iter().take_while(|u| **u < *t + window).count();
+            assert!(
+                inside <= 60,
+                "{inside} requests in the window from slot {i}"
+            );
+        }
+        let rate = 199.0 / (slots[199] - slots[0]).as_secs_f64() * 60.0;
+        assert!(
+            (0.97 * 60.0..=60.0).contains(&rate),
+            "steady rate {rate}/min"
+        );
+        assert_eq!(slots[0], Duration::ZERO, "the first request goes at once");
+    }
+
+    /// Eight workers on real time share one gate: each acquire returns close
+    /// to its slot, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn workers_share_the_gate() {
         let limiter = Limiter::new(&[
             "testers-list=60/0.6s".parse().unwrap(),
             "account-list=1000/1s".parse().unwrap(),
         ]);
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let start = Instant::now();
+        let mut tasks = Vec::new();
         for _ in 0..8 {
             let l = limiter.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                loop {
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..10 {
                     l.acquire(RateClass::TestersList, Some("1")).await;
-                    if tx.send(Instant::now()).is_err() {
-                        return;
-                    }
                 }
-            });
+            }));
         }
-        let mut times = Vec::new();
-        while times.len() < 150 {
-            times.push(rx.recv().await.unwrap());
+        for t in tasks {
+            t.await.unwrap();
         }
-        drop(rx);
-        let window = Duration::from_millis(600);
-        for (i, t) in times.iter().enumerate() {
-            let inside = times[i..].iter().take_while(|u| **u < *t + window).count();
-            assert!(
-                inside <= 60,
-                "{inside} requests in the window from request {i}"
-            );
-        }
-        let span = times[149] - times[0];
-        let rate = 149.0 / span.as_secs_f64() * 0.6;
-        assert!(rate >= 0.97 * 60.0, "steady rate {rate} per 600 ms");
+        // 80 requests at one per 10.1 ms: the 80th slot is at 798 ms.
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(795), "{took:?}");
+        assert!(took < Duration::from_millis(1500), "{took:?}");
     }
 
     #[tokio::test(start_paused = true)]

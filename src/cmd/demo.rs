@@ -9,6 +9,8 @@ use anyhow::Context;
 use crate::api::{ApiKey, Client, Limiter, RetryPolicy};
 use crate::cli::DemoArgs;
 use crate::exit::Exit;
+use crate::export::sink::{CsvOptions, Format};
+use crate::export::{ExportOptions, Resource, export};
 use crate::import::input::Source;
 use crate::import::{ImportOptions, import};
 use crate::progress::Progress;
@@ -29,7 +31,15 @@ pub async fn run(args: &DemoArgs, progress: Arc<dyn Progress>) -> anyhow::Result
     std::fs::write(&csv, WAITLIST)?;
     std::fs::write(&map, MAP)?;
 
-    let sandbox = Sandbox::start(SandboxConfig::default(), 0).await?;
+    // The documented limits, 60 times faster, so the demo takes seconds.
+    let sandbox = Sandbox::start(
+        SandboxConfig {
+            rate_scale: 60.0,
+            ..Default::default()
+        },
+        0,
+    )
+    .await?;
     eprintln!(
         "demo: sandbox running at {} (project a9b8c7de)",
         sandbox.base_url()
@@ -37,7 +47,13 @@ pub async fn run(args: &DemoArgs, progress: Arc<dyn Progress>) -> anyhow::Result
     let client = Client::new(
         sandbox.base_url().parse()?,
         ApiKey::new(DEFAULT_KEY),
-        Limiter::new(&[]),
+        Limiter::new(&[
+            "testers-list=60/1s".parse().unwrap(),
+            "account-list=180/1s".parse().unwrap(),
+            "rewards-list=60/1s".parse().unwrap(),
+            "points-list=60/1s".parse().unwrap(),
+            "betas=90/15s".parse().unwrap(),
+        ]),
         RetryPolicy::default(),
     );
 
@@ -65,10 +81,56 @@ pub async fn run(args: &DemoArgs, progress: Arc<dyn Progress>) -> anyhow::Result
     eprintln!(
         "demo: the sandbox now holds {users} users; emails Prefinery would have sent: {emails}"
     );
+
+    // Then back out: the whole project into one SQLite file.
+    let db = dir.join("demo.sqlite");
+    eprintln!(
+        "demo: prefsync export all --beta a9b8c7de --format sqlite --out {}",
+        db.display()
+    );
+    let export_opts = ExportOptions {
+        resources: vec![
+            Resource::Testers,
+            Resource::Rewards,
+            Resource::Suppressions,
+            Resource::Points,
+        ],
+        betas: vec!["a9b8c7de".into()],
+        all_betas: false,
+        format: Format::Sqlite,
+        out: db.clone(),
+        filters: vec![],
+        checkpoint: None,
+        max_duration: None,
+        csv: CsvOptions {
+            excel_safe: false,
+            bom: false,
+        },
+        fresh: true,
+    };
+    let exported = export(
+        &client,
+        &export_opts,
+        Stop::default(),
+        Arc::new(crate::progress::Silent),
+    )
+    .await?;
+    eprint!("{exported}");
     sandbox.shutdown().await;
+    eprintln!("demo: try these on {}:", db.display());
+    eprintln!(
+        "  sqlite3 {} \"SELECT status, count(*) FROM testers WHERE deleted_at IS NULL GROUP BY status\"",
+        db.display()
+    );
+    eprintln!(
+        "  sqlite3 {} \"SELECT email, json_extract(record, '$.profile.employer') AS employer FROM testers WHERE json_extract(record, '$.profile.country') = 'NO' LIMIT 5\"",
+        db.display()
+    );
 
     let as_intended = summary.rejected == EXPECTED_REJECTED
         && summary.created as usize == users
+        && exported.complete
+        && exported.rows as usize == users
         && summary.pending == 0
         && emails == 0;
     if as_intended {

@@ -233,6 +233,12 @@ pub async fn import(
     progress: Arc<dyn Progress>,
 ) -> anyhow::Result<ImportSummary> {
     let started = Instant::now();
+    let stats = client.stats();
+    let before_calls = (
+        stats.requests.load(Ordering::Relaxed),
+        stats.throttled.load(Ordering::Relaxed),
+        stats.retries.load(Ordering::Relaxed),
+    );
     if opts.concurrency == 0 || opts.concurrency > 256 {
         return Err(usage("--concurrency must be from 1 to 256"));
     }
@@ -541,9 +547,9 @@ pub async fn import(
         unchanged: counts.unchanged,
         rejected: counts.rejected,
         pending: counts.pending,
-        api_calls: stats.requests.load(Ordering::Relaxed),
-        throttled: stats.throttled.load(Ordering::Relaxed),
-        retries: stats.retries.load(Ordering::Relaxed),
+        api_calls: stats.requests.load(Ordering::Relaxed) - before_calls.0,
+        throttled: stats.throttled.load(Ordering::Relaxed) - before_calls.1,
+        retries: stats.retries.load(Ordering::Relaxed) - before_calls.2,
         elapsed_secs: started.elapsed().as_secs_f64(),
         stopped,
         resolve: match resolve {

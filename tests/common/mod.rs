@@ -42,3 +42,19 @@ pub fn users(s: &Sandbox, beta: u64) -> Vec<Value> {
         p.users.values().map(|u| p.user_json(u)).collect()
     })
 }
+
+/// A client whose quotas are far above the sandbox's (for a sandbox with
+/// limits off: `rate_scale: 0.0`).
+pub fn unlimited_client(s: &Sandbox) -> Client {
+    client_for(
+        &s.base_url(),
+        KEY,
+        &[
+            "testers-list=100000/1s",
+            "account-list=100000/1s",
+            "rewards-list=100000/1s",
+            "points-list=100000/1s",
+            "betas=100000/1s",
+        ],
+    )
+}

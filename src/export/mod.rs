@@ -1,0 +1,417 @@
+//! `export`: pages users, rewards, suppressions, points and projects into
+//! CSV, JSONL or SQLite; streamed, resumable, cron-ready.
+//!
+//! Pages are written as they arrive, each with its checkpoint (see
+//! [`sink`]). Pages shift when users join or leave during a long export:
+//! records are deduplicated by id, and when the list's size changed between
+//! the first and the last page, the list is read once more from the start to
+//! pick up what shifted, and the summary says the export is not a consistent
+//! snapshot.
+
+pub mod resource;
+pub mod sink;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::api::{Client, Pagination, RateClass};
+use crate::exit::usage;
+use crate::lock::RunLock;
+use crate::progress::{Progress, Snapshot};
+use crate::stop::Stop;
+pub use resource::Resource;
+use sink::{CsvOptions, FileSink, Format, Part, Sink, SqliteSink};
+
+/// Projects exported at once: three at 60 a minute each fill the company's
+/// 180 a minute for testers lists.
+const PROJECTS_AT_ONCE: usize = 3;
+
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    pub resources: Vec<Resource>,
+    pub betas: Vec<String>,
+    pub all_betas: bool,
+    pub format: Format,
+    pub out: PathBuf,
+    /// API filters, e.g. `("email_contains", "@gmail.com")`.
+    pub filters: Vec<(String, String)>,
+    pub checkpoint: Option<PathBuf>,
+    pub max_duration: Option<Duration>,
+    pub csv: CsvOptions,
+    pub fresh: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PartSummary {
+    pub beta_id: i64,
+    pub resource: Resource,
+    pub rows: u64,
+    pub pages: u64,
+    pub complete: bool,
+    pub consistent: bool,
+    pub reread: bool,
+    pub deleted: u64,
+    pub resumed_from_page: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportSummary {
+    pub out: String,
+    pub format: Format,
+    pub complete: bool,
+    pub consistent: bool,
+    pub parts: Vec<PartSummary>,
+    pub rows: u64,
+    pub pages: u64,
+    pub api_calls: u64,
+    pub throttled: u64,
+    pub elapsed_secs: f64,
+    /// Time spent writing pages (outside the network and the limiter).
+    pub local_secs: f64,
+}
+
+impl std::fmt::Display for ExportSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "export to {} ({:?}): {} records in {} pages",
+            self.out, self.format, self.rows, self.pages
+        )?;
+        for p in &self.parts {
+            writeln!(
+                f,
+                "  project {} {}: {} records{}{}{}{}",
+                p.beta_id,
+                p.resource.name(),
+                p.rows,
+                if p.complete { "" } else { ", NOT complete" },
+                if p.consistent {
+                    ""
+                } else {
+                    ", not a consistent snapshot (the list changed while it was read)"
+                },
+                if p.reread { ", re-read once" } else { "" },
+                if p.deleted > 0 {
+                    format!(", {} marked deleted", p.deleted)
+                } else {
+                    String::new()
+                },
+            )?;
+        }
+        writeln!(
+            f,
+            "  API calls {}, throttled answers {}, time {:.1}s (local work {:.2}s)",
+            self.api_calls, self.throttled, self.elapsed_secs, self.local_secs
+        )?;
+        if !self.complete {
+            writeln!(
+                f,
+                "  stopped before the end: run the same command again to resume"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+pub async fn export(
+    client: &Client,
+    opts: &ExportOptions,
+    stop: Stop,
+    progress: Arc<dyn Progress>,
+) -> anyhow::Result<ExportSummary> {
+    let started = Instant::now();
+    let calls_before = client.stats().requests.load(Ordering::Relaxed);
+    let throttled_before = client.stats().throttled.load(Ordering::Relaxed);
+    let only_betas = opts.resources == [Resource::Betas];
+    if opts.format != Format::Sqlite {
+        if opts.resources.len() != 1 {
+            return Err(usage(
+                "several resources go to one file only with --format sqlite",
+            ));
+        }
+        if opts.all_betas || opts.betas.len() > 1 {
+            return Err(usage(
+                "several projects go to one file only with --format sqlite",
+            ));
+        }
+    }
+    if !only_betas && opts.betas.is_empty() && !opts.all_betas {
+        return Err(usage(
+            "no project given: pass --beta ID (repeatable) or --all-betas",
+        ));
+    }
+    let _lock = RunLock::acquire(&opts.out)?;
+
+    // The projects, by numeric id (a UID and an id name the same project).
+    let mut betas: Vec<(i64, String)> = Vec::new();
+    if only_betas {
+        betas.push((0, String::new()));
+    } else if opts.all_betas {
+        for b in client.betas().await? {
+            betas.push((b.id as i64, b.id.to_string()));
+        }
+    } else {
+        for b in &opts.betas {
+            let id = if opts.format == Format::Sqlite {
+                client.beta(b).await?.id as i64
+            } else {
+                b.parse().unwrap_or(0)
+            };
+            betas.push((id, b.clone()));
+        }
+    }
+
+    let sink: Box<dyn Sink> = match opts.format {
+        Format::Sqlite => Box::new(SqliteSink::open(&opts.out)?),
+        f => {
+            let ck = opts.checkpoint.clone().unwrap_or_else(|| {
+                let name = opts
+                    .out
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                opts.out.with_file_name(format!("{name}.prefsync.sqlite"))
+            });
+            Box::new(FileSink::open(&opts.out, &ck, f, opts.csv)?)
+        }
+    };
+    let sink = Arc::new(Mutex::new(sink));
+    let filters = opts
+        .filters
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&");
+
+    let timer = opts.max_duration.map(|d| {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(d).await;
+            tracing::warn!("--max-duration reached: stopping after the page in flight");
+            stop.trigger();
+        })
+    });
+
+    let shared = Arc::new(Shared {
+        progress,
+        started,
+        pages_done: Default::default(),
+        pages_total: Default::default(),
+        rows: Default::default(),
+        local_ns: Default::default(),
+    });
+    let mut jobs = Vec::new();
+    for (beta_id, beta) in betas {
+        jobs.push((beta_id, beta));
+    }
+    let results: Vec<anyhow::Result<Vec<PartSummary>>> = futures::stream::iter(jobs)
+        .map(|(beta_id, beta)| {
+            let sink = sink.clone();
+            let client = client.clone();
+            let stop = stop.clone();
+            let shared = shared.clone();
+            let filters = filters.clone();
+            let resources = opts.resources.clone();
+            let query = opts.filters.clone();
+            let fresh = opts.fresh;
+            async move {
+                let mut out = Vec::new();
+                for r in resources {
+                    if stop.is_set() {
+                        break;
+                    }
+                    let part = Part {
+                        beta_id,
+                        resource: r,
+                        filters: filters.clone(),
+                    };
+                    out.push(
+                        export_part(&client, &beta, &part, &query, &sink, &stop, &shared, fresh)
+                            .await?,
+                    );
+                }
+                Ok(out)
+            }
+        })
+        .buffer_unordered(PROJECTS_AT_ONCE)
+        .collect()
+        .await;
+    if let Some(t) = timer {
+        t.abort();
+    }
+    shared.progress.finish();
+    let mut parts = Vec::new();
+    for r in results {
+        parts.extend(r?);
+    }
+    sink.lock().unwrap().close()?;
+    parts.sort_by_key(|p| (p.beta_id, p.resource.name()));
+    let stats = client.stats();
+    let complete = parts.iter().all(|p| p.complete) && !parts.is_empty();
+    Ok(ExportSummary {
+        out: opts.out.display().to_string(),
+        format: opts.format,
+        complete,
+        consistent: parts.iter().all(|p| p.consistent),
+        rows: parts.iter().map(|p| p.rows).sum(),
+        pages: parts.iter().map(|p| p.pages).sum(),
+        parts,
+        api_calls: stats.requests.load(Ordering::Relaxed) - calls_before,
+        throttled: stats.throttled.load(Ordering::Relaxed) - throttled_before,
+        elapsed_secs: started.elapsed().as_secs_f64(),
+        local_secs: shared.local_ns.load(Ordering::Relaxed) as f64 / 1e9,
+    })
+}
+
+struct Shared {
+    progress: Arc<dyn Progress>,
+    started: Instant,
+    pages_done: std::sync::atomic::AtomicU64,
+    pages_total: std::sync::atomic::AtomicU64,
+    rows: std::sync::atomic::AtomicU64,
+    local_ns: std::sync::atomic::AtomicU64,
+}
+
+fn list_size(p: &Option<Pagination>) -> Option<(u64, Option<u64>)> {
+    p.as_ref()
+        .and_then(|p| p.pages.map(|pages| (pages, p.total)))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn export_part(
+    client: &Client,
+    beta: &str,
+    part: &Part,
+    query: &[(String, String)],
+    sink: &Arc<Mutex<Box<dyn Sink>>>,
+    stop: &Stop,
+    shared: &Shared,
+    fresh: bool,
+) -> anyhow::Result<PartSummary> {
+    let (run, first_page, rows_before) = sink.lock().unwrap().start(part, fresh)?;
+    if first_page > 1 {
+        tracing::info!(
+            project = part.beta_id,
+            resource = part.resource.name(),
+            "resuming at page {first_page}"
+        );
+    }
+    let mut summary = PartSummary {
+        beta_id: part.beta_id,
+        resource: part.resource,
+        rows: rows_before,
+        pages: first_page - 1,
+        complete: false,
+        consistent: true,
+        reread: false,
+        deleted: 0,
+        resumed_from_page: first_page,
+    };
+    let class = match part.resource {
+        Resource::Testers => Some(RateClass::TestersList),
+        Resource::Rewards => Some(RateClass::RewardsList),
+        Resource::Points => Some(RateClass::PointsList),
+        Resource::Betas => Some(RateClass::Betas),
+        Resource::Suppressions => None,
+    };
+    let beta_opt = (!beta.is_empty()).then(|| beta.to_string());
+    let mut sizes_seen: Vec<(u64, Option<u64>)> = Vec::new();
+    let mut passes = 0;
+    let mut start = first_page;
+    loop {
+        passes += 1;
+        let pages = client.pages::<Value>(
+            part.resource.op(),
+            beta_opt.clone(),
+            part.resource.path(beta),
+            query.to_vec(),
+            start,
+        );
+        let mut pages = std::pin::pin!(pages);
+        let finished = loop {
+            let next = tokio::select! {
+                p = pages.next() => p,
+                _ = stop.wait() => None,
+            };
+            let Some(page) = next else {
+                break !stop.is_set();
+            };
+            let page = page?;
+            if let Some(s) = list_size(&page.pagination) {
+                if sizes_seen.last() != Some(&s) {
+                    sizes_seen.push(s);
+                }
+                if passes == 1 {
+                    let total_pages = s.0;
+                    shared.pages_total.fetch_max(total_pages, Ordering::Relaxed);
+                }
+            }
+            let t = Instant::now();
+            let new = sink
+                .lock()
+                .unwrap()
+                .page(run, part, &page.items, page.number + 1)?;
+            shared
+                .local_ns
+                .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            summary.rows += new;
+            summary.pages += 1;
+            let done = shared.pages_done.fetch_add(1, Ordering::Relaxed) + 1;
+            let rows = shared.rows.fetch_add(new, Ordering::Relaxed) + new;
+            let total = shared.pages_total.load(Ordering::Relaxed).max(done);
+            let quota = class
+                .and_then(|c| client.limiter().quota(c))
+                .map(|q| f64::from(q.count) / q.period.as_secs_f64());
+            shared.progress.update(&Snapshot {
+                done,
+                total,
+                unit: "pages",
+                elapsed: shared.started.elapsed(),
+                limiter_wait: Duration::from_millis(
+                    client.stats().limiter_wait_ms.load(Ordering::Relaxed),
+                ),
+                throttled: client.stats().throttled.load(Ordering::Relaxed),
+                // The quota is the ceiling: 60 pages a minute is 1,500 users.
+                eta: quota.map(|q| Duration::from_secs_f64(total.saturating_sub(done) as f64 / q)),
+            });
+            tracing::debug!(page = page.number, rows, "page written");
+            if page.last {
+                break true;
+            }
+        };
+        if !finished {
+            return Ok(summary);
+        }
+        // A list whose size changed while it was read may have shifted
+        // records across page boundaries: read it once more from the start.
+        let changed = sizes_seen.len() > 1;
+        if changed && passes == 1 {
+            tracing::warn!(
+                project = part.beta_id,
+                resource = part.resource.name(),
+                "the list changed while it was read ({:?}); reading it once more to pick up what shifted",
+                sizes_seen
+            );
+            summary.reread = true;
+            summary.consistent = false;
+            sizes_seen = sizes_seen.split_off(sizes_seen.len() - 1);
+            start = 1;
+            continue;
+        }
+        break;
+    }
+    // After a re-read the file holds every record that is there now, and
+    // may hold some that left while it was read: not a snapshot.
+    summary.complete = true;
+    summary.deleted = sink
+        .lock()
+        .unwrap()
+        .finish(run, part, true, summary.consistent)?;
+    Ok(summary)
+}
