@@ -48,7 +48,6 @@ CREATE TABLE IF NOT EXISTS rows (
     PRIMARY KEY (run_id, line)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS rows_email ON rows(run_id, email) WHERE email IS NOT NULL AND error_class IS NOT 'validation';
-CREATE INDEX IF NOT EXISTS rows_state ON rows(run_id, state, line);
 CREATE TABLE IF NOT EXISTS known_testers (
     run_id INTEGER NOT NULL,
     email TEXT NOT NULL,         -- lower-cased
@@ -99,10 +98,12 @@ impl Counts {
 /// A row's final or in-flight state, as the engine reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RowUpdate {
-    Sending {
-        line: u64,
-        intent: &'static str,
-    },
+    /// Handed to a worker: what it does is not known yet.
+    Dispatched { line: u64 },
+    /// About to send (intent `create`).
+    Sending { line: u64, intent: &'static str },
+    /// Back to pending (stopped before it was sent).
+    Pending { line: u64 },
     Done {
         line: u64,
         action: &'static str,
@@ -297,9 +298,21 @@ impl Checkpoint {
 
     pub fn apply(&self, run: i64, u: &RowUpdate) -> anyhow::Result<()> {
         match u {
+            RowUpdate::Dispatched { line } => {
+                let mut st = self.conn.prepare_cached(
+                    "UPDATE rows SET state = 'sending', attempts = attempts + 1 WHERE run_id = ?1 AND line = ?2",
+                )?;
+                st.execute(params![run, *line as i64])?;
+            }
+            RowUpdate::Pending { line } => {
+                let mut st = self.conn.prepare_cached(
+                    "UPDATE rows SET state = 'pending', intent = NULL WHERE run_id = ?1 AND line = ?2 AND state = 'sending'",
+                )?;
+                st.execute(params![run, *line as i64])?;
+            }
             RowUpdate::Sending { line, intent } => {
                 let mut st = self.conn.prepare_cached(
-                    "UPDATE rows SET state = 'sending', intent = ?3, attempts = attempts + 1 WHERE run_id = ?1 AND line = ?2",
+                    "UPDATE rows SET state = 'sending', intent = ?3 WHERE run_id = ?1 AND line = ?2",
                 )?;
                 st.execute(params![run, *line as i64, intent])?;
             }

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use futures::StreamExt;
+use futures::StreamExt as _;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -35,6 +35,10 @@ use crate::stop::Stop;
 use input::{CsvInput, Encoding, Source};
 use mapping::{EMAILING_STATUSES, EmptyCells, Mapping};
 
+/// How long the checkpoint writer gathers updates into one transaction;
+/// a pending dispatch mark (the reader waits on it) commits at once.
+const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(2);
+const GROUP_COMMIT_MAX: usize = 2048;
 /// Rows planned per checkpoint transaction.
 const PLAN_BATCH: usize = 5_000;
 /// Open rows the reader fetches from the checkpoint at a time.
@@ -205,13 +209,23 @@ struct Job {
     raw: Vec<String>,
     /// The row was `sending` when the run stopped: look it up first.
     was_sending: bool,
+    /// What the stopped run was about to do with it (`create`), if known.
+    intent: Option<String>,
     /// The user as the project listing showed it (`--resolve list`).
     known: Option<Value>,
 }
 
 enum ToWriter {
-    Update(RowUpdate, Option<oneshot::Sender<()>>),
+    /// Rows about to be handed to workers: `sending` on disk before any of
+    /// them can be sent; acknowledged once committed.
+    Dispatch(Vec<u64>, oneshot::Sender<()>),
+    Update(RowUpdate),
 }
+
+/// Rows the reader marks `sending` in one transaction before handing them
+/// out. After a kill -9, at most this many plus those queued and in flight
+/// are looked up on resume; a clean stop puts the unsent ones back.
+const DISPATCH_BATCH: usize = 32;
 
 struct Ctx {
     client: Client,
@@ -407,12 +421,13 @@ pub async fn import(
     let done_count = Arc::new(AtomicU64::new(before.finished()));
     let writer = {
         let done = done_count.clone();
-        std::thread::spawn(move || writer_loop(ck, run, wrx, done))
+        tokio::spawn(writer_loop(ck, run, wrx, done))
     };
 
     // The reader thread feeds the workers.
     let (jtx, jrx) = mpsc::channel::<Job>(opts.concurrency * 2);
     let reader = {
+        let reader_writer = wtx.clone();
         let stop = stop.clone();
         let mapping = mapping.clone();
         let ck_path = ck_path.clone();
@@ -421,7 +436,16 @@ pub async fn import(
         let track = resolve == Some(Resolve::List);
         tokio::task::spawn_blocking(move || {
             read_open_rows(
-                &ck_path, run, &source, encoding, delimiter, &mapping, track, jtx, &stop,
+                &ck_path,
+                run,
+                &source,
+                encoding,
+                delimiter,
+                &mapping,
+                track,
+                jtx,
+                reader_writer,
+                &stop,
             )
         })
     };
@@ -490,12 +514,27 @@ pub async fn import(
         })
     };
 
-    tokio_stream_from(jrx)
-        .for_each_concurrent(opts.concurrency, |job| {
+    // Workers are tasks of their own, so they run on every core (a
+    // `for_each_concurrent` would poll them all from one task).
+    let jobs = Arc::new(tokio::sync::Mutex::new(jrx));
+    let workers: Vec<_> = (0..opts.concurrency)
+        .map(|_| {
             let ctx = ctx.clone();
-            async move { work(&ctx, job).await }
+            let jobs = jobs.clone();
+            tokio::spawn(async move {
+                loop {
+                    let job = jobs.lock().await.recv().await;
+                    match job {
+                        Some(job) => work(&ctx, job).await,
+                        None => return,
+                    }
+                }
+            })
         })
-        .await;
+        .collect();
+    for w in workers {
+        w.await.context("an import worker panicked")?;
+    }
 
     if let Some(t) = timer {
         t.abort();
@@ -505,9 +544,7 @@ pub async fn import(
     let reader_result = reader.await.context("the input reader panicked")?;
     let fatal = ctx.fatal.lock().unwrap().take();
     drop(ctx);
-    let ck = writer
-        .join()
-        .map_err(|_| anyhow::anyhow!("the checkpoint writer panicked"))??;
+    let ck = writer.await.context("the checkpoint writer panicked")??;
     reader_result?;
 
     let counts = ck.counts(run)?;
@@ -579,12 +616,6 @@ pub fn default_errors_path(checkpoint: &Path, run: i64) -> PathBuf {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "prefsync".into());
     checkpoint.with_file_name(format!("{stem}.run{run}.errors.csv"))
-}
-
-fn tokio_stream_from<T: Send + 'static>(
-    mut rx: mpsc::Receiver<T>,
-) -> impl futures::Stream<Item = T> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 struct PlanTotals {
@@ -708,9 +739,30 @@ fn read_open_rows(
     mapping: &Mapping,
     with_known: bool,
     jobs: mpsc::Sender<Job>,
+    writer: mpsc::Sender<ToWriter>,
     stop: &Stop,
 ) -> anyhow::Result<()> {
     let ck = Checkpoint::open(ck_path)?;
+    let mut batch: Vec<Job> = Vec::with_capacity(DISPATCH_BATCH);
+    // Marks a batch `sending` (durably), then hands it out.
+    let flush = |batch: &mut Vec<Job>| -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        let (tx, rx) = oneshot::channel();
+        let lines = batch.iter().map(|j| j.line).collect();
+        if writer.blocking_send(ToWriter::Dispatch(lines, tx)).is_err()
+            || rx.blocking_recv().is_err()
+        {
+            return false;
+        }
+        for job in batch.drain(..) {
+            if jobs.blocking_send(job).is_err() {
+                return false;
+            }
+        }
+        true
+    };
     let mut csv = CsvInput::open(source, encoding, delimiter)?;
     let mut open = ck.open_rows(run, 0, OPEN_CHUNK)?.into_iter().peekable();
     let mut last = 0u64;
@@ -732,7 +784,7 @@ fn read_open_rows(
         while open.peek().is_some_and(|(l, _, _)| *l < line) {
             last = open.next().unwrap().0;
         }
-        let Some((l, was_sending, _intent)) = open.peek().cloned() else {
+        let Some((l, was_sending, intent)) = open.peek().cloned() else {
             continue;
         };
         if l != line {
@@ -756,40 +808,60 @@ fn read_open_rows(
             input: row.input,
             raw: r.fields,
             was_sending,
+            intent,
             known,
         };
-        if jobs.blocking_send(job).is_err() {
-            break;
+        batch.push(job);
+        if batch.len() >= DISPATCH_BATCH && !flush(&mut batch) {
+            return Ok(());
         }
+    }
+    if !stop.is_set() {
+        flush(&mut batch);
     }
     Ok(())
 }
 
 /// Owns the checkpoint: applies updates in batches, one transaction each,
 /// and acknowledges `sending` marks once they are committed.
-fn writer_loop(
+async fn writer_loop(
     ck: Checkpoint,
     run: i64,
     mut rx: mpsc::Receiver<ToWriter>,
     done: Arc<AtomicU64>,
 ) -> anyhow::Result<Checkpoint> {
-    while let Some(first) = rx.blocking_recv() {
+    while let Some(first) = rx.recv().await {
+        // Group commit: gather what arrives within a short window, so one
+        // transaction carries many rows (a commit costs far more than a row).
         let mut batch = vec![first];
-        while batch.len() < 512 {
+        let deadline = tokio::time::Instant::now() + GROUP_COMMIT_WINDOW;
+        while batch.len() < GROUP_COMMIT_MAX {
             match rx.try_recv() {
                 Ok(m) => batch.push(m),
-                Err(_) => break,
+                // The reader waits on a dispatch mark: commit now.
+                Err(_) if batch.iter().any(|m| matches!(m, ToWriter::Dispatch(..))) => break,
+                Err(_) => match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(m)) => batch.push(m),
+                    _ => break,
+                },
             }
         }
         ck.begin()?;
         let mut acks = Vec::new();
-        for ToWriter::Update(u, ack) in batch {
-            ck.apply(run, &u)?;
-            if !matches!(u, RowUpdate::Sending { .. }) {
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-            if let Some(a) = ack {
-                acks.push(a);
+        for m in batch {
+            match m {
+                ToWriter::Dispatch(lines, ack) => {
+                    for line in lines {
+                        ck.apply(run, &RowUpdate::Dispatched { line })?;
+                    }
+                    acks.push(ack);
+                }
+                ToWriter::Update(u) => {
+                    ck.apply(run, &u)?;
+                    if matches!(u, RowUpdate::Done { .. } | RowUpdate::Rejected { .. }) {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
         }
         ck.commit()?;
@@ -810,12 +882,14 @@ enum Outcome {
 }
 
 async fn work(ctx: &Ctx, job: Job) {
-    if ctx.stop.is_set() {
-        return;
-    }
-    match process(ctx, &job).await {
+    let outcome = if ctx.stop.is_set() {
+        Outcome::Left
+    } else {
+        process(ctx, &job).await
+    };
+    match outcome {
         Outcome::Row(u) => {
-            let _ = ctx.writer.send(ToWriter::Update(u, None)).await;
+            let _ = ctx.writer.send(ToWriter::Update(u)).await;
         }
         Outcome::Abort(e) => {
             let mut f = ctx.fatal.lock().unwrap();
@@ -825,7 +899,15 @@ async fn work(ctx: &Ctx, job: Job) {
             }
             ctx.stop.trigger();
         }
-        Outcome::Left => {}
+        Outcome::Left => {
+            // Never sent: back to pending, so a resume need not look it up.
+            if !job.was_sending {
+                let _ = ctx
+                    .writer
+                    .send(ToWriter::Update(RowUpdate::Pending { line: job.line }))
+                    .await;
+            }
+        }
     }
 }
 
@@ -874,14 +956,14 @@ async fn process(ctx: &Ctx, job: &Job) -> Outcome {
     let existing = if job.was_sending {
         // The previous run may have created this user just before it died.
         match lookup(ctx, &email).await {
-            Ok(Some(t)) => {
+            Ok(Some(t)) if job.intent.as_deref() == Some("create") => {
                 return Outcome::Row(RowUpdate::Done {
                     line: job.line,
                     action: "created",
                     tester_id: id_of(&t),
                 });
             }
-            Ok(None) => None,
+            Ok(t) => t,
             Err(e) => return classify(job, e),
         }
     } else {
@@ -962,20 +1044,17 @@ async fn create(ctx: &Ctx, job: &Job) -> Outcome {
         if ctx.stop.is_set() {
             return Outcome::Left;
         }
-        // Durably `sending` before the request leaves.
-        let (tx, rx) = oneshot::channel();
+        // The row is `sending` on disk since it was dispatched; record
+        // that it is a create, so a resume can say `created` (best effort:
+        // without it a resume finds the user and reports it unchanged).
         if ctx
             .writer
-            .send(ToWriter::Update(
-                RowUpdate::Sending {
-                    line: job.line,
-                    intent: "create",
-                },
-                Some(tx),
-            ))
+            .send(ToWriter::Update(RowUpdate::Sending {
+                line: job.line,
+                intent: "create",
+            }))
             .await
             .is_err()
-            || rx.await.is_err()
         {
             return Outcome::Left;
         }

@@ -543,8 +543,14 @@ fn execute(
             StatusCode::OK.into_response()
         }
         "testers.list" => {
-            let p = w.project(b);
+            let contains = q("email_contains").map(str::to_lowercase);
+            let name = q("name").map(str::to_lowercase);
+            let code = q("referral_code");
+            let custom = q("custom_vars");
+            let filtered =
+                contains.is_some() || name.is_some() || code.is_some() || custom.is_some();
             let (items, total) = if let Some(email) = q("email_is").or_else(|| q("email")) {
+                let p = w.project(b);
                 let found: Vec<Value> = p
                     .user_by_email(email)
                     .map(|u| p.user_json(u))
@@ -552,50 +558,42 @@ fn execute(
                     .collect();
                 let n = found.len();
                 (if page == 1 { found } else { vec![] }, n)
+            } else if !filtered {
+                // Fast path: pages by position in id order.
+                let p = w.projects.get_mut(&b).unwrap();
+                let total = p.users.len();
+                let users: Vec<super::world::User> = p
+                    .users_page((page - 1) * PER_PAGE, PER_PAGE)
+                    .into_iter()
+                    .cloned()
+                    .collect();
+                (users.iter().map(|u| p.user_json(u)).collect(), total)
             } else {
-                let contains = q("email_contains").map(str::to_lowercase);
-                let name = q("name").map(str::to_lowercase);
-                let code = q("referral_code");
-                let custom = q("custom_vars");
-                let filtered =
-                    contains.is_some() || name.is_some() || code.is_some() || custom.is_some();
-                if !filtered {
-                    // Fast path: pages by position in id order.
-                    let total = p.users.len();
-                    let items = p
-                        .users
-                        .values()
-                        .skip((page - 1) * PER_PAGE)
-                        .take(PER_PAGE)
-                        .map(|u| p.user_json(u))
-                        .collect();
-                    (items, total)
-                } else {
-                    let pv = |u: &super::world::User, k: &str| {
-                        u.profile
-                            .get(k)
-                            .and_then(Value::as_str)
-                            .unwrap_or("")
-                            .to_lowercase()
-                    };
-                    let it = p.users.values().filter(|u| {
-                        contains
-                            .as_ref()
-                            .is_none_or(|c| u.email.to_lowercase().contains(c.as_str()))
-                            && name.as_ref().is_none_or(|n| {
-                                pv(u, "first_name").contains(n.as_str())
-                                    || pv(u, "last_name").contains(n.as_str())
-                            })
-                            && code.is_none_or(|c| u.referral_code == c)
-                            && custom.is_none_or(|c| {
-                                ["custom_var1", "custom_var2", "custom_var3"]
-                                    .iter()
-                                    .any(|k| u.profile.get(*k).and_then(Value::as_str) == Some(c))
-                            })
-                    });
-                    let (users, total) = page_of(it, page);
-                    (users.into_iter().map(|u| p.user_json(u)).collect(), total)
-                }
+                let p = w.project(b);
+                let pv = |u: &super::world::User, k: &str| {
+                    u.profile
+                        .get(k)
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_lowercase()
+                };
+                let it = p.users.values().filter(|u| {
+                    contains
+                        .as_ref()
+                        .is_none_or(|c| u.email.to_lowercase().contains(c.as_str()))
+                        && name.as_ref().is_none_or(|n| {
+                            pv(u, "first_name").contains(n.as_str())
+                                || pv(u, "last_name").contains(n.as_str())
+                        })
+                        && code.is_none_or(|c| u.referral_code == c)
+                        && custom.is_none_or(|c| {
+                            ["custom_var1", "custom_var2", "custom_var3"]
+                                .iter()
+                                .any(|k| u.profile.get(*k).and_then(Value::as_str) == Some(c))
+                        })
+                });
+                let (users, total) = page_of(it, page);
+                (users.into_iter().map(|u| p.user_json(u)).collect(), total)
             };
             list_response(items, page, total, with_total)
         }
