@@ -13,24 +13,26 @@ P=target/release/prefsync
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 echo "== sandbox: simple requests per second (GET one user, 32 connections, limits off)"
-for i in $(seq "$RUNS"); do $B sandbox-rps 5 32; done | tee /dev/stderr | awk '{print $2}' | median | sed 's/^/median requests\/s: /'
+out=$(for i in $(seq "$RUNS"); do $B sandbox-rps 5 32; done); echo "$out"
+echo "$out" | awk '{print $2}' | median | sed 's/^/median requests\/s: /'
 
 echo "== limiter: testers-list utilisation against the sandbox enforcing 60/min at --rate-scale 60"
 $B limiter 300
 
 echo "== import: 100,000 rows vs a bare HTTP load of the same creates (concurrency 8, limits off)"
-out=$(for i in $(seq "$RUNS"); do $B import 100000 8; done | tee /dev/stderr)
+out=$(for i in $(seq "$RUNS"); do $B import 100000 8; done); echo "$out"
 echo "$out" | awk '/^import:/ {print $2}' | median | sed 's/^/median import rows\/s: /'
 echo "$out" | awk '/^bare-http:/ {print $2}' | median | sed 's/^/median bare requests\/s: /'
 echo "$out" | awk '/ratio/ {print $3}' | median | sed 's/^/median ratio: /'
 
 echo "== checkpoint alone (rows/s it absorbs)"
-for i in $(seq "$RUNS"); do $B checkpoint 100000; done | tee /dev/stderr | awk '{print $2}' | median | sed 's/^/median checkpoint rows\/s: /'
+out=$(for i in $(seq "$RUNS"); do $B checkpoint 100000; done); echo "$out"
+echo "$out" | awk '{print $2}' | median | sed 's/^/median checkpoint rows\/s: /'
 
 echo "== export: local cost per page (writing, outside the network), 100,000 users"
 $B export-local 100000
 
-[ "${1:-}" = quick ] && exit 0
+if [ "${1:-}" = quick ]; then exit 0; fi
 
 work=$(mktemp -d)
 trap 'kill $(cat "$work/pids" 2>/dev/null) 2>/dev/null || true; rm -rf "$work"' EXIT

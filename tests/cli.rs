@@ -150,3 +150,90 @@ fn sandbox_process_writes_its_port_and_serves() {
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("users: 10"));
 }
+
+/// The key appears in no file prefsync writes: checkpoint, reports,
+/// exports, summaries; and `runs` lists the run.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_key_is_in_no_file_written() {
+    let keys = Keys::single_without(SECRET, &[]);
+    let s = common::sandbox(SandboxConfig {
+        keys,
+        seed_testers: 40,
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("in.csv"),
+        "email,first_name\nnew@x.io,N\nuser1@example.com,Changed\nbad,row\n",
+    )
+    .unwrap();
+    let mut c = prefsync(&s.base_url(), Some(SECRET));
+    c.current_dir(d).args([
+        "import",
+        "testers",
+        "--beta",
+        "1",
+        "--file",
+        "in.csv",
+        "--results",
+        "results.csv",
+        "--summary-json",
+        "import.json",
+        "-vv",
+    ]);
+    let out = run(c).await;
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "rows rejected: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for fmt in ["csv", "jsonl", "sqlite"] {
+        let mut c = prefsync(&s.base_url(), Some(SECRET));
+        c.current_dir(d).args([
+            "export",
+            "testers",
+            "--beta",
+            "1",
+            "--format",
+            fmt,
+            "--out",
+            &format!("users.{fmt}"),
+            "--summary-json",
+            "export.json",
+        ]);
+        let out = run(c).await;
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!String::from_utf8_lossy(&out.stderr).contains(SECRET));
+    }
+    let mut c = prefsync(&s.base_url(), None);
+    c.current_dir(d).args(["runs"]);
+    let out = run(c).await;
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains("import") && listing.contains("done"),
+        "{listing}"
+    );
+    let mut files = 0;
+    for entry in std::fs::read_dir(d).unwrap() {
+        let p = entry.unwrap().path();
+        let bytes = std::fs::read(&p).unwrap();
+        files += 1;
+        assert!(
+            !bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+            "the key is in {}",
+            p.display()
+        );
+    }
+    assert!(
+        files >= 8,
+        "checkpoint, reports, exports and summaries were written ({files})"
+    );
+}

@@ -414,3 +414,31 @@ async fn a_key_without_a_permission_gets_403_naming_it() {
     // The probes changed nothing.
     assert!(common::users(&s, 1).is_empty());
 }
+
+#[tokio::test]
+async fn state_persists_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sandbox.sqlite");
+    let config = SandboxConfig {
+        state_path: Some(path.clone()),
+        ..Default::default()
+    };
+    let s = common::sandbox(config.clone()).await;
+    common::client(&s)
+        .create_tester(
+            "1",
+            &TesterInput {
+                email: Some("kept@x.io".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    s.shutdown().await;
+    let s = common::sandbox(config).await;
+    let found = common::client(&s)
+        .find_tester("1", "kept@x.io")
+        .await
+        .unwrap();
+    assert!(found.is_some());
+}

@@ -512,6 +512,25 @@ impl Client {
         r.json(Op::TesterCreate)
     }
 
+    /// Creates a tester and returns only its id: reading the whole record
+    /// back costs more than the import needs.
+    pub async fn create_tester_id(&self, beta: &str, input: &TesterInput) -> Result<u64, ApiError> {
+        #[derive(serde::Deserialize)]
+        struct Created {
+            id: u64,
+        }
+        let r = self
+            .call(
+                Op::TesterCreate,
+                Some(beta),
+                &format!("betas/{beta}/testers.json"),
+                &[],
+                Some(&input.to_body()),
+            )
+            .await?;
+        Ok(r.json::<Created>(Op::TesterCreate)?.id)
+    }
+
     pub async fn update_tester(
         &self,
         beta: &str,

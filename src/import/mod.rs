@@ -1058,12 +1058,12 @@ async fn create(ctx: &Ctx, job: &Job) -> Outcome {
         {
             return Outcome::Left;
         }
-        match ctx.client.create_tester(&ctx.beta, &input).await {
-            Ok(t) => {
+        match ctx.client.create_tester_id(&ctx.beta, &input).await {
+            Ok(id) => {
                 return Outcome::Row(RowUpdate::Done {
                     line: job.line,
                     action: "created",
-                    tester_id: t.id,
+                    tester_id: id,
                 });
             }
             Err(ApiError::OutcomeUnknown { cause, .. }) => {
