@@ -24,7 +24,11 @@ fn pag(page: u64, next: Option<u64>) -> String {
 }
 
 async fn collect(server: &MockServer) -> Result<Vec<u64>, ApiError> {
-    let c = common::client_for(&format!("{}/api/v2", server.uri()), "k3y-secret", &[]);
+    let c = common::client_for(
+        &format!("{}/api/v2", server.uri()),
+        "k3y-secret",
+        &["testers-list=1000/1s", "account-list=1000/1s"],
+    );
     let pages: Vec<prefsync::api::Page<Tester>> = c
         .pages(
             Op::TestersList,

@@ -322,10 +322,11 @@ async fn reads_survive_random_failures_and_drops() {
         seed_testers: 500,
         fail_rate: 0.1,
         drop_rate: 0.05,
+        rate_scale: 0.0,
         ..Default::default()
     })
     .await;
-    let c = common::client(&s);
+    let c = common::unlimited_client(&s);
     let pages: Vec<prefsync::api::Page<Tester>> = c
         .pages(
             Op::TestersList,
