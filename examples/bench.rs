@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use prefsync::api::{ApiKey, Client, Limiter, RateOverride, RetryPolicy, TesterInput};
 use prefsync::checkpoint::{Checkpoint, RowUpdate};
-use prefsync::export::sink::{CsvOptions, Format};
+use prefsync::export::sink::Format;
 use prefsync::export::{ExportOptions, Resource, export};
 use prefsync::import::input::Source;
 use prefsync::import::{ImportOptions, Mode, import};
@@ -284,21 +284,12 @@ async fn limiter(pages: u64) {
         RetryPolicy::default(),
     );
     let dir = tempfile::tempdir().unwrap();
-    let o = ExportOptions {
-        resources: vec![Resource::Testers],
-        betas: vec!["1".into()],
-        all_betas: false,
-        format: Format::Jsonl,
-        out: dir.path().join("t.jsonl"),
-        filters: vec![],
-        checkpoint: None,
-        max_duration: None,
-        csv: CsvOptions {
-            excel_safe: false,
-            bom: false,
-        },
-        fresh: false,
-    };
+    let o = ExportOptions::new(
+        vec![Resource::Testers],
+        vec!["1".into()],
+        Format::Jsonl,
+        dir.path().join("t.jsonl"),
+    );
     let sum = export(&client, &o, Stop::default(), Arc::new(Silent))
         .await
         .unwrap();
@@ -328,21 +319,12 @@ async fn export_local(users: u64) {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     for format in [Format::Csv, Format::Jsonl, Format::Sqlite] {
-        let o = ExportOptions {
-            resources: vec![Resource::Testers],
-            betas: vec!["1".into()],
-            all_betas: false,
+        let o = ExportOptions::new(
+            vec![Resource::Testers],
+            vec!["1".into()],
             format,
-            out: dir.path().join(format!("t.{format:?}")),
-            filters: vec![],
-            checkpoint: None,
-            max_duration: None,
-            csv: CsvOptions {
-                excel_safe: false,
-                bom: false,
-            },
-            fresh: false,
-        };
+            dir.path().join(format!("t.{format:?}")),
+        );
         let t = Instant::now();
         let sum = export(
             &unlimited(&s.base_url()),

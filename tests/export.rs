@@ -13,25 +13,16 @@ use prefsync::stop::Stop;
 use serde_json::Value;
 
 fn opts(resource: Resource, format: Format, out: &Path) -> ExportOptions {
-    ExportOptions {
-        resources: vec![resource],
-        betas: if resource == Resource::Betas {
+    ExportOptions::new(
+        vec![resource],
+        if resource == Resource::Betas {
             vec![]
         } else {
             vec!["1".into()]
         },
-        all_betas: false,
         format,
-        out: out.to_path_buf(),
-        filters: vec![],
-        checkpoint: None,
-        max_duration: None,
-        csv: CsvOptions {
-            excel_safe: false,
-            bom: false,
-        },
-        fresh: false,
-    }
+        out.to_path_buf(),
+    )
 }
 
 async fn run(s: &Sandbox, o: &ExportOptions) -> ExportSummary {

@@ -499,7 +499,13 @@ impl Client {
             .find(|t| t.email.eq_ignore_ascii_case(email)))
     }
 
-    pub async fn create_tester(&self, beta: &str, input: &TesterInput) -> Result<Tester, ApiError> {
+    /// Creates a tester; the answer is decoded as `T` (a [`Tester`], or
+    /// something smaller when only the id matters).
+    pub async fn create_tester_as<T: DeserializeOwned>(
+        &self,
+        beta: &str,
+        input: &TesterInput,
+    ) -> Result<T, ApiError> {
         let r = self
             .call(
                 Op::TesterCreate,
@@ -512,23 +518,18 @@ impl Client {
         r.json(Op::TesterCreate)
     }
 
-    /// Creates a tester and returns only its id: reading the whole record
-    /// back costs more than the import needs.
+    pub async fn create_tester(&self, beta: &str, input: &TesterInput) -> Result<Tester, ApiError> {
+        self.create_tester_as(beta, input).await
+    }
+
+    /// Creates a tester and returns only its id: decoding the whole record
+    /// costs more than the import needs.
     pub async fn create_tester_id(&self, beta: &str, input: &TesterInput) -> Result<u64, ApiError> {
         #[derive(serde::Deserialize)]
         struct Created {
             id: u64,
         }
-        let r = self
-            .call(
-                Op::TesterCreate,
-                Some(beta),
-                &format!("betas/{beta}/testers.json"),
-                &[],
-                Some(&input.to_body()),
-            )
-            .await?;
-        Ok(r.json::<Created>(Op::TesterCreate)?.id)
+        Ok(self.create_tester_as::<Created>(beta, input).await?.id)
     }
 
     pub async fn update_tester(

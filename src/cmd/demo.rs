@@ -9,7 +9,7 @@ use anyhow::Context;
 use crate::api::{ApiKey, Client, Limiter, RetryPolicy};
 use crate::cli::DemoArgs;
 use crate::exit::Exit;
-use crate::export::sink::{CsvOptions, Format};
+use crate::export::sink::Format;
 use crate::export::{ExportOptions, Resource, export};
 use crate::import::input::Source;
 use crate::import::{ImportOptions, import};
@@ -88,25 +88,20 @@ pub async fn run(args: &DemoArgs, progress: Arc<dyn Progress>) -> anyhow::Result
         "demo: prefsync export all --beta a9b8c7de --format sqlite --out {}",
         db.display()
     );
-    let export_opts = ExportOptions {
-        resources: vec![
-            Resource::Testers,
-            Resource::Rewards,
-            Resource::Suppressions,
-            Resource::Points,
-        ],
-        betas: vec!["a9b8c7de".into()],
-        all_betas: false,
-        format: Format::Sqlite,
-        out: db.clone(),
-        filters: vec![],
-        checkpoint: None,
-        max_duration: None,
-        csv: CsvOptions {
-            excel_safe: false,
-            bom: false,
-        },
-        fresh: true,
+    let export_opts = {
+        let mut o = ExportOptions::new(
+            vec![
+                Resource::Testers,
+                Resource::Rewards,
+                Resource::Suppressions,
+                Resource::Points,
+            ],
+            vec!["a9b8c7de".into()],
+            Format::Sqlite,
+            db.clone(),
+        );
+        o.fresh = true;
+        o
     };
     let exported = export(
         &client,

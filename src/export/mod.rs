@@ -47,6 +47,33 @@ pub struct ExportOptions {
     pub fresh: bool,
 }
 
+impl ExportOptions {
+    /// Options with no filter, no checkpoint override, no time limit, plain
+    /// CSV, resuming an unfinished export.
+    pub fn new(
+        resources: Vec<Resource>,
+        betas: Vec<String>,
+        format: Format,
+        out: PathBuf,
+    ) -> ExportOptions {
+        ExportOptions {
+            resources,
+            betas,
+            all_betas: false,
+            format,
+            out,
+            filters: vec![],
+            checkpoint: None,
+            max_duration: None,
+            csv: CsvOptions {
+                excel_safe: false,
+                bom: false,
+            },
+            fresh: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct PartSummary {
     pub beta_id: i64,
