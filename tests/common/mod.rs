@@ -1,5 +1,6 @@
 //! Shared test helpers: an in-process sandbox and a client pointed at it.
 
+// Each test binary uses a different part of these helpers.
 #![allow(dead_code)]
 
 use prefsync::api::{ApiKey, Client, Limiter, RateOverride, RetryPolicy};
