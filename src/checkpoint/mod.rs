@@ -211,6 +211,17 @@ impl Checkpoint {
             .optional()?)
     }
 
+    pub fn run(&self, id: i64) -> anyhow::Result<Option<Run>> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!("SELECT {} FROM runs WHERE id = ?1", Self::RUN_COLS),
+                [id],
+                Self::run_from_row,
+            )
+            .optional()?)
+    }
+
     pub fn runs(&self) -> anyhow::Result<Vec<Run>> {
         let mut st = self
             .conn

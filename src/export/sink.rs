@@ -310,7 +310,6 @@ pub struct FileSink {
     format: Format,
     csv: CsvOptions,
     resource: Option<Resource>,
-    finished: bool,
 }
 
 impl FileSink {
@@ -354,7 +353,6 @@ impl FileSink {
             format,
             csv,
             resource: None,
-            finished: false,
         })
     }
 
@@ -488,7 +486,6 @@ impl Sink for FileSink {
             .execute("UPDATE export_files SET complete = 1 WHERE id = ?1", [run])?;
         self.ck
             .execute("DELETE FROM export_seen WHERE run_id = ?1", [run])?;
-        self.finished = true;
         Ok(0)
     }
 

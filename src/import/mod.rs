@@ -354,11 +354,7 @@ pub async fn import(
             )?
         }
     };
-    let planned = ck
-        .runs()?
-        .into_iter()
-        .find(|r| r.id == run)
-        .is_some_and(|r| r.planned);
+    let planned = ck.run(run)?.is_some_and(|r| r.planned);
 
     if !planned {
         let total = plan(&ck, run, &source, opts, &mapping)?;
@@ -376,12 +372,7 @@ pub async fn import(
     } else {
         ck.set_state(run, "running")?;
     }
-    let total_rows = ck
-        .runs()?
-        .into_iter()
-        .find(|r| r.id == run)
-        .and_then(|r| r.total_rows)
-        .unwrap_or(0) as u64;
+    let total_rows = ck.run(run)?.and_then(|r| r.total_rows).unwrap_or(0) as u64;
     let before = ck.counts(run)?;
 
     // How to tell new users from existing ones.
