@@ -11,7 +11,8 @@ use prefsync::sandbox::{Sandbox, SandboxConfig};
 
 const ROWS: usize = 1200;
 
-fn spawn_import(s: &Sandbox, dir: &std::path::Path) -> Child {
+/// Imports `dir/NAME.csv`, with its checkpoint and summary beside it.
+fn spawn_import(s: &Sandbox, dir: &std::path::Path, name: &str) -> Child {
     Command::new(assert_cmd::cargo::cargo_bin("prefsync"))
         .args([
             "import",
@@ -32,11 +33,11 @@ fn spawn_import(s: &Sandbox, dir: &std::path::Path) -> Child {
             "betas=90/15s",
             "--file",
         ])
-        .arg(dir.join("in.csv"))
+        .arg(dir.join(format!("{name}.csv")))
         .arg("--checkpoint")
-        .arg(dir.join("ck.sqlite"))
+        .arg(dir.join(format!("{name}.ck.sqlite")))
         .arg("--summary-json")
-        .arg(dir.join("summary.json"))
+        .arg(dir.join(format!("{name}.summary.json")))
         .env("PREFINERY_BASE_URL", s.base_url())
         .env("PREFINERY_API_KEY", common::KEY)
         .stdout(Stdio::null())
@@ -45,17 +46,28 @@ fn spawn_import(s: &Sandbox, dir: &std::path::Path) -> Child {
         .unwrap()
 }
 
-fn write_input(dir: &std::path::Path) {
+/// `ROWS` people, their first names prefixed with `prefix`.
+fn write_input(dir: &std::path::Path, name: &str, prefix: &str) {
     let mut text = String::from("email,first_name\n");
     for i in 0..ROWS {
-        text.push_str(&format!("person{i}@example.org,P{i}\n"));
+        text.push_str(&format!("person{i}@example.org,{prefix}{i}\n"));
     }
-    std::fs::write(dir.join("in.csv"), text).unwrap();
+    std::fs::write(dir.join(format!("{name}.csv")), text).unwrap();
+}
+
+fn summary(dir: &std::path::Path, name: &str) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.summary.json"))).unwrap())
+        .unwrap()
 }
 
 async fn wait_for_users(s: &Sandbox, n: usize) {
+    wait_for(s, n, |_| true).await
+}
+
+/// Waits until `n` users of project 1 match `pred`.
+async fn wait_for(s: &Sandbox, n: usize, pred: impl Fn(&serde_json::Value) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while common::users(s, 1).len() < n {
+    while common::users(s, 1).iter().filter(|u| pred(u)).count() < n {
         assert!(Instant::now() < deadline, "the import made no progress");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -92,25 +104,67 @@ async fn kill_9_mid_run_then_resume() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    write_input(dir.path());
+    write_input(dir.path(), "in", "P");
     for stop_at in [200, 700] {
-        let mut child = spawn_import(&s, dir.path());
+        let mut child = spawn_import(&s, dir.path(), "in");
         wait_for_users(&s, stop_at).await;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let n = common::users(&s, 1).len();
         assert!(n < ROWS, "killed before the end ({n})");
     }
-    let (code, stderr) = finish(spawn_import(&s, dir.path())).await;
+    let (code, stderr) = finish(spawn_import(&s, dir.path(), "in")).await;
     assert_eq!(code, 0, "{stderr}");
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("summary.json")).unwrap()).unwrap();
+    let summary = summary(dir.path(), "in");
     assert_eq!(summary["resumed"], true);
     assert_eq!(
         summary["created"].as_u64().unwrap() as usize,
         ROWS,
         "{summary}"
     );
+    assert_exactly_once(&s);
+}
+
+/// Every row labelled right across kills too: a user updated just before
+/// the kill is `updated` on resume, not `unchanged`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_update_then_resume() {
+    let s = common::sandbox(SandboxConfig {
+        latency_ms: Some((2, 8)),
+        rate_scale: 60.0,
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    write_input(dir.path(), "first", "P");
+    let (code, stderr) = finish(spawn_import(&s, dir.path(), "first")).await;
+    assert_eq!(code, 0, "{stderr}");
+
+    write_input(dir.path(), "second", "Q");
+    let renamed = |u: &serde_json::Value| {
+        u["profile"]["first_name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with('Q'))
+    };
+    for stop_at in [150, 600] {
+        let mut child = spawn_import(&s, dir.path(), "second");
+        wait_for(&s, stop_at, renamed).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    let (code, stderr) = finish(spawn_import(&s, dir.path(), "second")).await;
+    assert_eq!(code, 0, "{stderr}");
+    let summary = summary(dir.path(), "second");
+    assert_eq!(summary["resumed"], true);
+    assert_eq!(
+        summary["updated"].as_u64().unwrap() as usize,
+        ROWS,
+        "{summary}"
+    );
+    assert_eq!(summary["created"], 0, "{summary}");
+    let users = common::users(&s, 1);
+    assert_eq!(users.len(), ROWS);
+    assert!(users.iter().all(renamed));
     assert_exactly_once(&s);
 }
 
@@ -123,12 +177,12 @@ async fn ctrl_c_stops_with_exit_5_and_the_lock_holds_off_a_second_run() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    write_input(dir.path());
-    let child = spawn_import(&s, dir.path());
+    write_input(dir.path(), "in", "P");
+    let child = spawn_import(&s, dir.path(), "in");
     wait_for_users(&s, 100).await;
 
     // A second run on the same checkpoint is refused with exit 6.
-    let (code, stderr) = finish(spawn_import(&s, dir.path())).await;
+    let (code, stderr) = finish(spawn_import(&s, dir.path(), "in")).await;
     assert_eq!(code, 6, "{stderr}");
     assert!(stderr.contains(&format!("pid {}", child.id())), "{stderr}");
 
@@ -145,7 +199,7 @@ async fn ctrl_c_stops_with_exit_5_and_the_lock_holds_off_a_second_run() {
     let n = common::users(&s, 1).len();
     assert!(n < ROWS);
 
-    let (code, stderr) = finish(spawn_import(&s, dir.path())).await;
+    let (code, stderr) = finish(spawn_import(&s, dir.path(), "in")).await;
     assert_eq!(code, 0, "{stderr}");
     assert_exactly_once(&s);
 }

@@ -98,9 +98,14 @@ impl Counts {
 /// A row's final or in-flight state, as the engine reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RowUpdate {
-    /// Handed to a worker: what it does is not known yet.
-    Dispatched { line: u64 },
-    /// About to send (intent `create`).
+    /// Handed to a worker, with what it is planned to send (`create` or
+    /// `update`) when the plan is known before the call. A row already
+    /// `sending` (a resumed run) keeps the intent it had.
+    Dispatched {
+        line: u64,
+        intent: Option<&'static str>,
+    },
+    /// About to send a `create` or an `update`.
     Sending { line: u64, intent: &'static str },
     /// Back to pending (stopped before it was sent).
     Pending { line: u64 },
@@ -309,11 +314,11 @@ impl Checkpoint {
 
     pub fn apply(&self, run: i64, u: &RowUpdate) -> anyhow::Result<()> {
         match u {
-            RowUpdate::Dispatched { line } => {
+            RowUpdate::Dispatched { line, intent } => {
                 let mut st = self.conn.prepare_cached(
-                    "UPDATE rows SET state = 'sending', attempts = attempts + 1 WHERE run_id = ?1 AND line = ?2",
+                    "UPDATE rows SET state = 'sending', attempts = attempts + 1, intent = COALESCE(intent, ?3) WHERE run_id = ?1 AND line = ?2",
                 )?;
-                st.execute(params![run, *line as i64])?;
+                st.execute(params![run, *line as i64, intent])?;
             }
             RowUpdate::Pending { line } => {
                 let mut st = self.conn.prepare_cached(

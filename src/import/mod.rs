@@ -6,10 +6,13 @@
 //! memory stays flat) and records each row as `pending` or `rejected`. The
 //! main pass reads the file again and hands the rows still open to the
 //! workers. One task owns the checkpoint; workers report to it over a
-//! bounded channel, and a create is sent only after its row is `sending` on
-//! disk. A row found `sending` on resume, and every create whose outcome is
-//! unknown, is looked up by email before anything is retried: nobody is
-//! created twice and nobody is skipped.
+//! bounded channel, and a create or update is sent only after its row is
+//! `sending` on disk with that intent (decided at dispatch when the plan is
+//! known, else by the worker, which waits for the commit). A row found
+//! `sending` on resume, and every create whose outcome is unknown, is looked
+//! up by email before anything is retried: nobody is created twice, nobody
+//! is skipped, and the stored intent labels the row `created` or `updated`
+//! even when the kill came between the call and its answer.
 
 pub mod input;
 pub mod mapping;
@@ -209,16 +212,23 @@ struct Job {
     raw: Vec<String>,
     /// The row was `sending` when the run stopped: look it up first.
     was_sending: bool,
-    /// What the stopped run was about to do with it (`create`), if known.
-    intent: Option<String>,
+    /// What the stopped run was about to send for it, if it got that far.
+    stopped_intent: Option<&'static str>,
+    /// The intent on disk now. A create or update is sent only once its
+    /// intent is durable, so a resume after kill -9 labels the row right.
+    durable: Option<&'static str>,
     /// The user as the project listing showed it (`--resolve list`).
     known: Option<Value>,
 }
 
 enum ToWriter {
-    /// Rows about to be handed to workers: `sending` on disk before any of
-    /// them can be sent; acknowledged once committed.
-    Dispatch(Vec<u64>, oneshot::Sender<()>),
+    /// Rows about to be handed to workers, with their planned intent:
+    /// `sending` on disk before any of them can be sent; acknowledged once
+    /// committed.
+    Dispatch(Vec<(u64, Option<&'static str>)>, oneshot::Sender<()>),
+    /// A worker's intent, decided after the dispatch (a lookup, a fallback);
+    /// acknowledged once committed.
+    Intend(u64, &'static str, oneshot::Sender<()>),
     Update(RowUpdate),
 }
 
@@ -424,7 +434,7 @@ pub async fn import(
         let ck_path = ck_path.clone();
         let source = source.clone();
         let encoding = opts.encoding;
-        let track = resolve == Some(Resolve::List);
+        let mode = opts.mode;
         tokio::task::spawn_blocking(move || {
             read_open_rows(
                 &ck_path,
@@ -433,7 +443,8 @@ pub async fn import(
                 encoding,
                 delimiter,
                 &mapping,
-                track,
+                mode,
+                resolve,
                 jtx,
                 reader_writer,
                 &stop,
@@ -729,7 +740,8 @@ fn read_open_rows(
     encoding: Option<Encoding>,
     delimiter: Option<u8>,
     mapping: &Mapping,
-    with_known: bool,
+    mode: Mode,
+    resolve: Option<Resolve>,
     jobs: mpsc::Sender<Job>,
     writer: mpsc::Sender<ToWriter>,
     stop: &Stop,
@@ -742,7 +754,7 @@ fn read_open_rows(
             return true;
         }
         let (tx, rx) = oneshot::channel();
-        let lines = batch.iter().map(|j| j.line).collect();
+        let lines = batch.iter().map(|j| (j.line, j.durable)).collect();
         if writer.blocking_send(ToWriter::Dispatch(lines, tx)).is_err()
             || rx.blocking_recv().is_err()
         {
@@ -776,7 +788,7 @@ fn read_open_rows(
         while open.peek().is_some_and(|(l, _, _)| *l < line) {
             last = open.next().unwrap().0;
         }
-        let Some((l, was_sending, intent)) = open.peek().cloned() else {
+        let Some((l, was_sending, stopped_intent)) = open.peek().cloned() else {
             continue;
         };
         if l != line {
@@ -788,19 +800,22 @@ fn read_open_rows(
         let Ok(row) = mapping.apply(&r.fields) else {
             continue;
         };
-        let known = if with_known {
+        let known = if resolve == Some(Resolve::List) {
             ck.known(run, &row.email_key)?
                 .and_then(|s| serde_json::from_str(&s).ok())
         } else {
             None
         };
+        let stopped_intent = stopped_intent.as_deref().and_then(intent_named);
+        let planned = planned_intent(mode, resolve, known.as_ref(), &row.input);
         let job = Job {
             line,
             email_key: row.email_key,
             input: row.input,
             raw: r.fields,
             was_sending,
-            intent,
+            stopped_intent,
+            durable: stopped_intent.or(planned),
             known,
         };
         batch.push(job);
@@ -812,6 +827,41 @@ fn read_open_rows(
         flush(&mut batch);
     }
     Ok(())
+}
+
+/// What a row will send, when that is known before any call: a create when
+/// the row is new to the project (or nothing was resolved), an update when
+/// the listing shows a difference. `None` when a lookup must decide, or when
+/// nothing will be sent.
+fn planned_intent(
+    mode: Mode,
+    resolve: Option<Resolve>,
+    known: Option<&Value>,
+    input: &TesterInput,
+) -> Option<&'static str> {
+    match (resolve, known, mode) {
+        (None, _, _) => Some("create"),
+        (Some(Resolve::List), None, Mode::Upsert | Mode::Create) => Some("create"),
+        (Some(Resolve::List), Some(t), Mode::Upsert | Mode::Update) => {
+            mapping::diff(t, input).map(|_| "update")
+        }
+        _ => None,
+    }
+}
+
+fn intent_named(s: &str) -> Option<&'static str> {
+    match s {
+        "create" => Some("create"),
+        "update" => Some("update"),
+        _ => None,
+    }
+}
+
+impl ToWriter {
+    /// Somebody waits for this to be committed.
+    fn awaited(&self) -> bool {
+        matches!(self, ToWriter::Dispatch(..) | ToWriter::Intend(..))
+    }
 }
 
 /// Owns the checkpoint: applies updates in batches, one transaction each,
@@ -831,7 +881,7 @@ async fn writer_loop(
             match rx.try_recv() {
                 Ok(m) => batch.push(m),
                 // The reader waits on a dispatch mark: commit now.
-                Err(_) if batch.iter().any(|m| matches!(m, ToWriter::Dispatch(..))) => break,
+                Err(_) if batch.iter().any(ToWriter::awaited) => break,
                 Err(_) => match tokio::time::timeout_at(deadline, rx.recv()).await {
                     Ok(Some(m)) => batch.push(m),
                     _ => break,
@@ -843,9 +893,13 @@ async fn writer_loop(
         for m in batch {
             match m {
                 ToWriter::Dispatch(lines, ack) => {
-                    for line in lines {
-                        ck.apply(run, &RowUpdate::Dispatched { line })?;
+                    for (line, intent) in lines {
+                        ck.apply(run, &RowUpdate::Dispatched { line, intent })?;
                     }
+                    acks.push(ack);
+                }
+                ToWriter::Intend(line, intent, ack) => {
+                    ck.apply(run, &RowUpdate::Sending { line, intent })?;
                     acks.push(ack);
                 }
                 ToWriter::Update(u) => {
@@ -873,11 +927,11 @@ enum Outcome {
     Left,
 }
 
-async fn work(ctx: &Ctx, job: Job) {
+async fn work(ctx: &Ctx, mut job: Job) {
     let outcome = if ctx.stop.is_set() {
         Outcome::Left
     } else {
-        process(ctx, &job).await
+        process(ctx, &mut job).await
     };
     match outcome {
         Outcome::Row(u) => {
@@ -943,12 +997,32 @@ fn id_of(t: &Value) -> u64 {
     t.get("id").and_then(Value::as_u64).unwrap_or(0)
 }
 
-async fn process(ctx: &Ctx, job: &Job) -> Outcome {
+/// Makes `intent` durable before the call that carries it out, unless the
+/// dispatch already did. `false` when the writer is gone (the run is ending).
+async fn intend(ctx: &Ctx, job: &mut Job, intent: &'static str) -> bool {
+    if job.durable == Some(intent) {
+        return true;
+    }
+    let (tx, rx) = oneshot::channel();
+    if ctx
+        .writer
+        .send(ToWriter::Intend(job.line, intent, tx))
+        .await
+        .is_err()
+        || rx.await.is_err()
+    {
+        return false;
+    }
+    job.durable = Some(intent);
+    true
+}
+
+async fn process(ctx: &Ctx, job: &mut Job) -> Outcome {
     let email = job.input.email.clone().unwrap_or_default();
     let existing = if job.was_sending {
         // The previous run may have created this user just before it died.
         match lookup(ctx, &email).await {
-            Ok(Some(t)) if job.intent.as_deref() == Some("create") => {
+            Ok(Some(t)) if job.stopped_intent == Some("create") => {
                 return Outcome::Row(RowUpdate::Done {
                     line: job.line,
                     action: "created",
@@ -993,12 +1067,18 @@ async fn process(ctx: &Ctx, job: &Job) -> Outcome {
     }
 }
 
-async fn update(ctx: &Ctx, job: &Job, current: &Value) -> Outcome {
+async fn update(ctx: &Ctx, job: &mut Job, current: &Value) -> Outcome {
     let id = id_of(current);
     let Some(change) = mapping::diff(current, &job.input) else {
+        // Nothing left to change: the stopped run's update went through.
+        let action = if job.was_sending && job.stopped_intent == Some("update") {
+            "updated"
+        } else {
+            "unchanged"
+        };
         return Outcome::Row(RowUpdate::Done {
             line: job.line,
-            action: "unchanged",
+            action,
             tester_id: id,
         });
     };
@@ -1008,6 +1088,9 @@ async fn update(ctx: &Ctx, job: &Job, current: &Value) -> Outcome {
             action: "updated",
             tester_id: id,
         });
+    }
+    if !intend(ctx, job, "update").await {
+        return Outcome::Left;
     }
     match ctx.client.update_tester(&ctx.beta, id, &change).await {
         Ok(_) => Outcome::Row(RowUpdate::Done {
@@ -1019,7 +1102,7 @@ async fn update(ctx: &Ctx, job: &Job, current: &Value) -> Outcome {
     }
 }
 
-async fn create(ctx: &Ctx, job: &Job) -> Outcome {
+async fn create(ctx: &Ctx, job: &mut Job) -> Outcome {
     let mut input = job.input.clone();
     if input.status.is_none() {
         input.status = Some(ctx.default_status.clone());
@@ -1036,18 +1119,7 @@ async fn create(ctx: &Ctx, job: &Job) -> Outcome {
         if ctx.stop.is_set() {
             return Outcome::Left;
         }
-        // The row is `sending` on disk since it was dispatched; record
-        // that it is a create, so a resume can say `created` (best effort:
-        // without it a resume finds the user and reports it unchanged).
-        if ctx
-            .writer
-            .send(ToWriter::Update(RowUpdate::Sending {
-                line: job.line,
-                intent: "create",
-            }))
-            .await
-            .is_err()
-        {
+        if !intend(ctx, job, "create").await {
             return Outcome::Left;
         }
         match ctx.client.create_tester_id(&ctx.beta, &input).await {
