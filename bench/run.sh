@@ -19,11 +19,14 @@ echo "$out" | awk '{print $2}' | median | sed 's/^/median requests\/s: /'
 echo "== limiter: testers-list utilisation against the sandbox enforcing 60/min at --rate-scale 60"
 $B limiter 300
 
-echo "== import: 100,000 rows vs a bare HTTP load of the same creates (concurrency 8, limits off)"
+echo "== import: 100,000 rows vs a bare HTTP load of the same creates (concurrency 8, limits off, sandbox in its own process)"
 out=$(for i in $(seq "$RUNS"); do $B import 100000 8; done); echo "$out"
 echo "$out" | awk '/^import:/ {print $2}' | median | sed 's/^/median import rows\/s: /'
 echo "$out" | awk '/^bare-http:/ {print $2}' | median | sed 's/^/median bare requests\/s: /'
 echo "$out" | awk '/ratio/ {print $3}' | median | sed 's/^/median ratio: /'
+echo "== the same creates through prefsync's client alone (limiter, retries, decoding the id; no CSV, no checkpoint)"
+out=$(for i in $(seq "$RUNS"); do $B client-only 100000 8; done); echo "$out"
+echo "$out" | awk '{print $2}' | median | sed 's/^/median client requests\/s: /'
 
 echo "== checkpoint alone (rows/s it absorbs)"
 out=$(for i in $(seq "$RUNS"); do $B checkpoint 100000; done); echo "$out"

@@ -5,6 +5,7 @@
 //! ```sh
 //! cargo run --release --example bench -- sandbox-rps [SECS] [CONCURRENCY]
 //! cargo run --release --example bench -- import [ROWS] [CONCURRENCY]
+//! cargo run --release --example bench -- import-only|bare-only|client-only [ROWS] [CONCURRENCY]
 //! cargo run --release --example bench -- checkpoint [ROWS]
 //! cargo run --release --example bench -- limiter [PAGES]
 //! cargo run --release --example bench -- export-local [USERS]
@@ -96,9 +97,129 @@ async fn sandbox_rps(secs: u64, concurrency: u64) {
     );
 }
 
+/// CPU time this process has used (user + system), from /proc (Linux).
+fn cpu_secs() -> f64 {
+    cpu_secs_of("self")
+}
+
+/// CPU time process `pid` has used (user + system), from /proc (Linux).
+fn cpu_secs_of(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the
+    // 12th, stime the 13th, in clock ticks (100 a second on Linux).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    if f.len() < 13 {
+        return 0.0;
+    }
+    (f[11] + f[12]) / 100.0
+}
+
+/// A `prefsync sandbox` in a process of its own, as a real server would be:
+/// client and server then share the cores the way the OS schedules them,
+/// not one async runtime.
+struct SandboxProcess {
+    child: std::process::Child,
+    base_url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl SandboxProcess {
+    fn start(extra: &[&str]) -> SandboxProcess {
+        let bin = std::env::var_os("PREFSYNC_BIN")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                // target/release/examples/bench -> target/release/prefsync
+                let exe = std::env::current_exe().unwrap();
+                exe.parent().unwrap().parent().unwrap().join("prefsync")
+            });
+        let dir = tempfile::tempdir().unwrap();
+        let port_file = dir.path().join("port");
+        let child = std::process::Command::new(&bin)
+            .args(["sandbox", "--port", "0", "--port-file"])
+            .arg(&port_file)
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {}: {e} (build it, or set PREFSYNC_BIN)",
+                    bin.display()
+                )
+            });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let port = loop {
+            if let Ok(p) = std::fs::read_to_string(&port_file)
+                && !p.trim().is_empty()
+            {
+                break p.trim().to_string();
+            }
+            assert!(Instant::now() < deadline, "the sandbox did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        SandboxProcess {
+            child,
+            base_url: format!("http://127.0.0.1:{port}/api/v2"),
+            _dir: dir,
+        }
+    }
+}
+
+impl SandboxProcess {
+    /// CPU time the sandbox has used so far.
+    fn cpu_secs(&self) -> f64 {
+        cpu_secs_of(&self.child.id().to_string())
+    }
+}
+
+impl Drop for SandboxProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Which half of the import benchmark to run.
+#[derive(Clone, Copy, PartialEq)]
+enum Half {
+    Both,
+    Import,
+    Bare,
+}
+
 /// The import engine against a bare HTTP load of the same creates at the
-/// same concurrency, into a sandbox with no rate limit.
-async fn import_vs_bare(rows: u64, concurrency: u64) {
+/// same concurrency, each into a fresh sandbox process with no rate limit.
+async fn import_vs_bare(rows: u64, concurrency: u64, half: Half) {
+    let mut figures = Vec::new();
+    if half != Half::Bare {
+        let f = import_rows(rows, concurrency).await;
+        println!(
+            "import: {:.0} rows/s importing {rows} rows (concurrency {concurrency}, checkpointed); {}",
+            rows as f64 / f.secs,
+            f.describe(rows)
+        );
+        figures.push(rows as f64 / f.secs);
+    }
+    if half != Half::Import {
+        let f = bare_creates(rows, concurrency).await;
+        println!(
+            "bare-http: {:.0} requests/s for the same creates (concurrency {concurrency}, no CSV, no checkpoint); {}",
+            rows as f64 / f.secs,
+            f.describe(rows)
+        );
+        figures.push(rows as f64 / f.secs);
+    }
+    if let [a, b] = figures[..] {
+        println!("import/bare ratio: {:.2}", a / b);
+    }
+}
+
+/// The import (CSV, mapping, checkpoint, workers): (seconds, client CPU).
+async fn import_rows(rows: u64, concurrency: u64) -> Figures {
     let dir = match std::env::var("BENCH_DIR") {
         Ok(d) => tempfile::tempdir_in(d).unwrap(),
         Err(_) => tempfile::tempdir().unwrap(),
@@ -110,46 +231,31 @@ async fn import_vs_bare(rows: u64, concurrency: u64) {
     }
     std::fs::write(&csv, text).unwrap();
 
-    // The import (checkpoint, CSV, mapping, workers).
-    let s = Sandbox::start(
-        SandboxConfig {
-            rate_scale: 0.0,
-            ..Default::default()
-        },
-        0,
-    )
-    .await
-    .unwrap();
+    let s = SandboxProcess::start(&["--rate-scale", "0"]);
     let mut o = ImportOptions::new("1", Source::File(csv.clone()), dir.path().join("ck.sqlite"));
     o.concurrency = concurrency as usize;
     o.mode = Mode::Create;
-    let t = Instant::now();
+    let m = Measure::start(&s);
     let sum = import(
-        &unlimited(&s.base_url()),
+        &unlimited(&s.base_url),
         &o,
         Stop::default(),
         Arc::new(Silent),
     )
     .await
     .unwrap();
-    let import_secs = t.elapsed().as_secs_f64();
     assert_eq!(sum.created, rows);
-    s.shutdown().await;
+    m.stop(&s)
+}
 
-    // The same creates, bare: pre-built bodies, N tasks, one reqwest client.
-    let s = Sandbox::start(
-        SandboxConfig {
-            rate_scale: 0.0,
-            ..Default::default()
-        },
-        0,
-    )
-    .await
-    .unwrap();
-    let url = format!("{}/betas/1/testers.json", s.base_url());
+/// The same creates, bare: N tasks, one reqwest client, nothing else:
+/// (seconds, client CPU).
+async fn bare_creates(rows: u64, concurrency: u64) -> Figures {
+    let s = SandboxProcess::start(&["--rate-scale", "0"]);
+    let url = format!("{}/betas/1/testers.json", s.base_url);
     let http = reqwest::Client::new();
     let next = Arc::new(AtomicU64::new(0));
-    let t = Instant::now();
+    let m = Measure::start(&s);
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
             let (http, url, next) = (http.clone(), url.clone(), next.clone());
@@ -175,7 +281,7 @@ async fn import_vs_bare(rows: u64, concurrency: u64) {
                         .post(&url)
                         .basic_auth(DEFAULT_KEY, Some(""))
                         .header("content-type", "application/json")
-                        .body(input.to_body().to_string())
+                        .body(input.to_body_bytes())
                         .send()
                         .await
                         .unwrap();
@@ -188,15 +294,90 @@ async fn import_vs_bare(rows: u64, concurrency: u64) {
     for t in tasks {
         t.await.unwrap();
     }
-    let bare_secs = t.elapsed().as_secs_f64();
-    let (a, b) = (rows as f64 / import_secs, rows as f64 / bare_secs);
-    println!(
-        "import: {a:.0} rows/s importing {rows} rows (concurrency {concurrency}, checkpointed)"
-    );
-    println!(
-        "bare-http: {b:.0} requests/s for the same creates (concurrency {concurrency}, no CSV, no checkpoint)"
-    );
-    println!("import/bare ratio: {:.2}", a / b);
+    m.stop(&s)
+}
+
+/// The same creates through prefsync's client (limiter, retries, error
+/// classes), without the engine: where the import's overhead is not.
+async fn client_creates(rows: u64, concurrency: u64) -> Figures {
+    let s = SandboxProcess::start(&["--rate-scale", "0"]);
+    let client = unlimited(&s.base_url);
+    let next = Arc::new(AtomicU64::new(0));
+    let m = Measure::start(&s);
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, next) = (client.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= rows {
+                        return;
+                    }
+                    let mut input = TesterInput {
+                        email: Some(format!("bench{i}@example.com")),
+                        status: Some("imported".into()),
+                        ..Default::default()
+                    };
+                    input
+                        .profile
+                        .insert("first_name".into(), format!("First{i}").into());
+                    input
+                        .profile
+                        .insert("last_name".into(), format!("Last{i}").into());
+                    input.profile.insert("country".into(), "NO".into());
+                    client.create_tester_id("1", &input).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    m.stop(&s)
+}
+
+/// Wall time and the CPU time of both sides over one measured run.
+struct Measure {
+    t: Instant,
+    client: f64,
+    server: f64,
+}
+
+struct Figures {
+    secs: f64,
+    client_cpu: f64,
+    server_cpu: f64,
+}
+
+impl Measure {
+    fn start(s: &SandboxProcess) -> Measure {
+        Measure {
+            t: Instant::now(),
+            client: cpu_secs(),
+            server: s.cpu_secs(),
+        }
+    }
+
+    fn stop(self, s: &SandboxProcess) -> Figures {
+        Figures {
+            secs: self.t.elapsed().as_secs_f64(),
+            client_cpu: cpu_secs() - self.client,
+            server_cpu: s.cpu_secs() - self.server,
+        }
+    }
+}
+
+impl Figures {
+    /// CPU per row on each side, and how busy the machine's cores were.
+    fn describe(&self, rows: u64) -> String {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        format!(
+            "client CPU {:.1} µs a row, sandbox CPU {:.1} µs a row, cores busy {:.0}%",
+            self.client_cpu * 1e6 / rows as f64,
+            self.server_cpu * 1e6 / rows as f64,
+            100.0 * (self.client_cpu + self.server_cpu) / (self.secs * cores)
+        )
+    }
 }
 
 /// The checkpoint alone: rows/s it absorbs for the work the import gives it
@@ -351,7 +532,19 @@ async fn main() {
     let which = std::env::args().nth(1).unwrap_or_default();
     match which.as_str() {
         "sandbox-rps" => sandbox_rps(arg(2, 5), arg(3, 32)).await,
-        "import" => import_vs_bare(arg(2, 100_000), arg(3, 8)).await,
+        "import" => import_vs_bare(arg(2, 100_000), arg(3, 8), Half::Both).await,
+        // One half alone (for a profiler).
+        "import-only" => import_vs_bare(arg(2, 100_000), arg(3, 8), Half::Import).await,
+        "bare-only" => import_vs_bare(arg(2, 100_000), arg(3, 8), Half::Bare).await,
+        "client-only" => {
+            let (rows, concurrency) = (arg(2, 100_000), arg(3, 8));
+            let f = client_creates(rows, concurrency).await;
+            println!(
+                "client: {:.0} requests/s through prefsync's client; {}",
+                rows as f64 / f.secs,
+                f.describe(rows)
+            );
+        }
         "checkpoint" => checkpoint_only(arg(2, 100_000)),
         "limiter" => limiter(arg(2, 300)).await,
         "export-local" => export_local(arg(2, 100_000)).await,

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use futures::Stream;
 use reqwest::{Method, StatusCode, header};
 use serde::de::DeserializeOwned;
@@ -210,6 +211,20 @@ impl Client {
         query: &[(String, String)],
         body: Option<&Value>,
     ) -> Result<Reply, ApiError> {
+        let body = body.map(|b| serde_json::to_vec(b).expect("a JSON value serialises"));
+        self.call_raw(op, beta, path, query, body.map(Bytes::from))
+            .await
+    }
+
+    /// [`Client::call`] with a body already serialised to JSON.
+    pub async fn call_raw(
+        &self,
+        op: Op,
+        beta: Option<&str>,
+        path: &str,
+        query: &[(String, String)],
+        body: Option<Bytes>,
+    ) -> Result<Reply, ApiError> {
         let class = Self::rate_class(op);
         let method = Self::method(op);
         let mut url = self.base.join(path).map_err(|e| ApiError::Decode {
@@ -244,10 +259,10 @@ impl Client {
                 .request(method.clone(), url.clone())
                 .basic_auth(self.key.expose(), Some(""))
                 .header(header::ACCEPT, "application/json");
-            if let Some(b) = body {
+            if let Some(b) = &body {
                 req = req
                     .header(header::CONTENT_TYPE, "application/json")
-                    .body(serde_json::to_vec(b).expect("a JSON value serialises"));
+                    .body(b.clone());
             }
             let outcome = match req.send().await {
                 Ok(resp) => {
@@ -507,12 +522,12 @@ impl Client {
         input: &TesterInput,
     ) -> Result<T, ApiError> {
         let r = self
-            .call(
+            .call_raw(
                 Op::TesterCreate,
                 Some(beta),
                 &format!("betas/{beta}/testers.json"),
                 &[],
-                Some(&input.to_body()),
+                Some(input.to_body_bytes().into()),
             )
             .await?;
         r.json(Op::TesterCreate)
@@ -539,12 +554,12 @@ impl Client {
         input: &TesterInput,
     ) -> Result<Tester, ApiError> {
         let r = self
-            .call(
+            .call_raw(
                 Op::TesterUpdate,
                 Some(beta),
                 &format!("betas/{beta}/testers/{id}.json"),
                 &[],
-                Some(&input.to_body()),
+                Some(input.to_body_bytes().into()),
             )
             .await?;
         r.json(Op::TesterUpdate)

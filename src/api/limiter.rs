@@ -290,7 +290,8 @@ pub struct Limiter {
 
 struct LimiterInner {
     quotas: HashMap<RateClass, Option<Quota>>,
-    gates: Mutex<HashMap<(RateClass, String), Arc<Gate>>>,
+    /// Per class, per scope (the project for per-project classes, else "").
+    gates: Mutex<HashMap<RateClass, HashMap<String, Arc<Gate>>>>,
 }
 
 impl Limiter {
@@ -316,25 +317,26 @@ impl Limiter {
 
     fn gate(&self, class: RateClass, beta: Option<&str>) -> Arc<Gate> {
         let scope = if class.per_project() {
-            beta.unwrap_or_default().to_string()
+            beta.unwrap_or_default()
         } else {
-            String::new()
+            ""
         };
         let mut gates = self.inner.gates.lock().unwrap();
-        gates
-            .entry((class, scope))
-            .or_insert_with(|| Arc::new(Gate::new(self.quota(class))))
-            .clone()
+        let of_class = gates.entry(class).or_default();
+        if let Some(g) = of_class.get(scope) {
+            return g.clone();
+        }
+        let g = Arc::new(Gate::new(self.quota(class)));
+        of_class.insert(scope.to_string(), g.clone());
+        g
     }
 
     /// The gates a request of this class passes: a testers list counts
     /// against its project's quota and the company's.
-    fn gates_for(&self, class: RateClass, beta: Option<&str>) -> Vec<Arc<Gate>> {
-        let mut v = vec![self.gate(class, beta)];
-        if class == RateClass::TestersList {
-            v.push(self.gate(RateClass::AccountList, beta));
-        }
-        v
+    fn gates_for(&self, class: RateClass, beta: Option<&str>) -> impl Iterator<Item = Arc<Gate>> {
+        let also =
+            (class == RateClass::TestersList).then(|| self.gate(RateClass::AccountList, beta));
+        std::iter::once(self.gate(class, beta)).chain(also)
     }
 
     /// Waits until a request of this class may be sent.

@@ -87,33 +87,63 @@ pub struct TesterInput {
 }
 
 impl TesterInput {
-    /// The request body, wrapped as the API expects: `{"tester": {...}}`.
-    pub fn to_body(&self) -> Value {
-        let mut t = Map::new();
-        if let Some(v) = &self.email {
-            t.insert("email".into(), v.clone().into());
+    /// The request body, wrapped as the API expects: `{"tester": {...}}`,
+    /// serialised straight from the fields (no intermediate `Value`).
+    pub fn to_body_bytes(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Answer<'a> {
+            question_id: &'a str,
+            answer: &'a str,
         }
-        if let Some(v) = &self.status {
-            t.insert("status".into(), v.clone().into());
+        #[derive(Serialize)]
+        struct Responses<'a> {
+            response: Vec<Answer<'a>>,
         }
-        if let Some(v) = &self.invitation_code {
-            t.insert("invitation_code".into(), v.clone().into());
+        #[derive(Serialize)]
+        struct Fields<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            email: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            status: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            invitation_code: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            referrer_id: Option<&'a str>,
+            #[serde(skip_serializing_if = "Map::is_empty")]
+            profile: &'a Map<String, Value>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            responses: Option<Responses<'a>>,
         }
-        if let Some(v) = &self.referrer_id {
-            t.insert("referrer_id".into(), v.clone().into());
+        #[derive(Serialize)]
+        struct Wrapped<'a> {
+            tester: Fields<'a>,
         }
-        if !self.profile.is_empty() {
-            t.insert("profile".into(), Value::Object(self.profile.clone()));
-        }
-        if !self.responses.is_empty() {
-            let list: Vec<Value> = self
+        let responses = (!self.responses.is_empty()).then(|| Responses {
+            response: self
                 .responses
                 .iter()
-                .map(|(q, a)| serde_json::json!({"question_id": q, "answer": a}))
-                .collect();
-            t.insert("responses".into(), serde_json::json!({ "response": list }));
-        }
-        serde_json::json!({ "tester": t })
+                .map(|(q, a)| Answer {
+                    question_id: q,
+                    answer: a,
+                })
+                .collect(),
+        });
+        let body = Wrapped {
+            tester: Fields {
+                email: self.email.as_deref(),
+                status: self.status.as_deref(),
+                invitation_code: self.invitation_code.as_deref(),
+                referrer_id: self.referrer_id.as_deref(),
+                profile: &self.profile,
+                responses,
+            },
+        };
+        serde_json::to_vec(&body).expect("a tester body serialises")
+    }
+
+    /// The same body as a JSON value.
+    pub fn to_body(&self) -> Value {
+        serde_json::from_slice(&self.to_body_bytes()).expect("a tester body parses")
     }
 }
 
@@ -186,6 +216,15 @@ mod tests {
         assert_eq!(
             input.to_body(),
             serde_json::json!({"tester":{"email":"a@b.c","responses":{"response":[{"question_id":"23874","answer":"yes"}]}}})
+        );
+        let mut input = input;
+        input.status = Some("imported".into());
+        input
+            .profile
+            .insert("first_name".into(), "Åse \"Q\"".into());
+        assert_eq!(
+            input.to_body(),
+            serde_json::json!({"tester":{"email":"a@b.c","status":"imported","profile":{"first_name":"Åse \"Q\""},"responses":{"response":[{"question_id":"23874","answer":"yes"}]}}})
         );
     }
 }

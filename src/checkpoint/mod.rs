@@ -98,11 +98,13 @@ impl Counts {
 /// A row's final or in-flight state, as the engine reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RowUpdate {
-    /// Handed to a worker, with what it is planned to send (`create` or
-    /// `update`) when the plan is known before the call. A row already
-    /// `sending` (a resumed run) keeps the intent it had.
+    /// The open rows from line `from` to `to` (inclusive) handed to
+    /// workers, with what they are planned to send (`create` or `update`)
+    /// when the plan is known before the call. A row already `sending` (a
+    /// resumed run) keeps the intent it had.
     Dispatched {
-        line: u64,
+        from: u64,
+        to: u64,
         intent: Option<&'static str>,
     },
     /// About to send a `create` or an `update`.
@@ -314,11 +316,12 @@ impl Checkpoint {
 
     pub fn apply(&self, run: i64, u: &RowUpdate) -> anyhow::Result<()> {
         match u {
-            RowUpdate::Dispatched { line, intent } => {
+            RowUpdate::Dispatched { from, to, intent } => {
                 let mut st = self.conn.prepare_cached(
-                    "UPDATE rows SET state = 'sending', attempts = attempts + 1, intent = COALESCE(intent, ?3) WHERE run_id = ?1 AND line = ?2",
+                    "UPDATE rows SET state = 'sending', attempts = attempts + 1, intent = COALESCE(intent, ?4) \
+                     WHERE run_id = ?1 AND line BETWEEN ?2 AND ?3 AND state IN ('pending', 'sending')",
                 )?;
-                st.execute(params![run, *line as i64, intent])?;
+                st.execute(params![run, *from as i64, *to as i64, intent])?;
             }
             RowUpdate::Pending { line } => {
                 let mut st = self.conn.prepare_cached(

@@ -229,13 +229,17 @@ enum ToWriter {
     /// A worker's intent, decided after the dispatch (a lookup, a fallback);
     /// acknowledged once committed.
     Intend(u64, &'static str, oneshot::Sender<()>),
-    Update(RowUpdate),
+    /// What became of rows (a worker's chunk).
+    Rows(Vec<RowUpdate>),
 }
 
 /// Rows the reader marks `sending` in one transaction before handing them
 /// out. After a kill -9, at most this many plus those queued and in flight
 /// are looked up on resume; a clean stop puts the unsent ones back.
 const DISPATCH_BATCH: usize = 32;
+
+/// Rows a worker takes at a time (one wake-up, one report to the writer).
+const WORK_CHUNK: usize = 8;
 
 struct Ctx {
     client: Client,
@@ -426,7 +430,7 @@ pub async fn import(
     };
 
     // The reader thread feeds the workers.
-    let (jtx, jrx) = mpsc::channel::<Job>(opts.concurrency * 2);
+    let (jtx, jrx) = mpsc::channel::<Vec<Job>>(opts.concurrency * 2);
     let reader = {
         let reader_writer = wtx.clone();
         let stop = stop.clone();
@@ -522,11 +526,18 @@ pub async fn import(
             let ctx = ctx.clone();
             let jobs = jobs.clone();
             tokio::spawn(async move {
+                let mut updates = Vec::with_capacity(WORK_CHUNK);
                 loop {
-                    let job = jobs.lock().await.recv().await;
-                    match job {
-                        Some(job) => work(&ctx, job).await,
-                        None => return,
+                    let chunk = jobs.lock().await.recv().await;
+                    let Some(chunk) = chunk else { return };
+                    for job in chunk {
+                        if let Some(u) = work(&ctx, job).await {
+                            updates.push(u);
+                        }
+                    }
+                    if !updates.is_empty() {
+                        let rows = std::mem::replace(&mut updates, Vec::with_capacity(WORK_CHUNK));
+                        let _ = ctx.writer.send(ToWriter::Rows(rows)).await;
                     }
                 }
             })
@@ -742,7 +753,7 @@ fn read_open_rows(
     mapping: &Mapping,
     mode: Mode,
     resolve: Option<Resolve>,
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Vec<Job>>,
     writer: mpsc::Sender<ToWriter>,
     stop: &Stop,
 ) -> anyhow::Result<()> {
@@ -760,8 +771,10 @@ fn read_open_rows(
         {
             return false;
         }
-        for job in batch.drain(..) {
-            if jobs.blocking_send(job).is_err() {
+        while !batch.is_empty() {
+            let rest = batch.split_off(WORK_CHUNK.min(batch.len()));
+            let chunk = std::mem::replace(batch, rest);
+            if jobs.blocking_send(chunk).is_err() {
                 return false;
             }
         }
@@ -893,8 +906,12 @@ async fn writer_loop(
         for m in batch {
             match m {
                 ToWriter::Dispatch(lines, ack) => {
-                    for (line, intent) in lines {
-                        ck.apply(run, &RowUpdate::Dispatched { line, intent })?;
+                    // The batch holds every open row between its first and
+                    // last line: one statement per run of equal intents.
+                    for run_of in lines.chunk_by(|a, b| a.1 == b.1) {
+                        let (from, to) = (run_of[0].0, run_of[run_of.len() - 1].0);
+                        let intent = run_of[0].1;
+                        ck.apply(run, &RowUpdate::Dispatched { from, to, intent })?;
                     }
                     acks.push(ack);
                 }
@@ -902,10 +919,12 @@ async fn writer_loop(
                     ck.apply(run, &RowUpdate::Sending { line, intent })?;
                     acks.push(ack);
                 }
-                ToWriter::Update(u) => {
-                    ck.apply(run, &u)?;
-                    if matches!(u, RowUpdate::Done { .. } | RowUpdate::Rejected { .. }) {
-                        done.fetch_add(1, Ordering::Relaxed);
+                ToWriter::Rows(rows) => {
+                    for u in rows {
+                        ck.apply(run, &u)?;
+                        if matches!(u, RowUpdate::Done { .. } | RowUpdate::Rejected { .. }) {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
             }
@@ -927,16 +946,15 @@ enum Outcome {
     Left,
 }
 
-async fn work(ctx: &Ctx, mut job: Job) {
+/// Does one row; returns what the checkpoint should record of it.
+async fn work(ctx: &Ctx, mut job: Job) -> Option<RowUpdate> {
     let outcome = if ctx.stop.is_set() {
         Outcome::Left
     } else {
         process(ctx, &mut job).await
     };
     match outcome {
-        Outcome::Row(u) => {
-            let _ = ctx.writer.send(ToWriter::Update(u)).await;
-        }
+        Outcome::Row(u) => Some(u),
         Outcome::Abort(e) => {
             let mut f = ctx.fatal.lock().unwrap();
             if f.is_none() {
@@ -944,16 +962,10 @@ async fn work(ctx: &Ctx, mut job: Job) {
                 *f = Some(e);
             }
             ctx.stop.trigger();
+            None
         }
-        Outcome::Left => {
-            // Never sent: back to pending, so a resume need not look it up.
-            if !job.was_sending {
-                let _ = ctx
-                    .writer
-                    .send(ToWriter::Update(RowUpdate::Pending { line: job.line }))
-                    .await;
-            }
-        }
+        // Never sent: back to pending, so a resume need not look it up.
+        Outcome::Left => (!job.was_sending).then_some(RowUpdate::Pending { line: job.line }),
     }
 }
 
@@ -1021,7 +1033,14 @@ async fn process(ctx: &Ctx, job: &mut Job) -> Outcome {
     let email = job.input.email.clone().unwrap_or_default();
     let existing = if job.was_sending {
         // The previous run may have created this user just before it died.
-        match lookup(ctx, &email).await {
+        // This run listed the project after that, so a listing answers as
+        // well as a lookup (and costs no call).
+        let found = if ctx.resolve == Some(Resolve::List) {
+            Ok(job.known.clone())
+        } else {
+            lookup(ctx, &email).await
+        };
+        match found {
             Ok(Some(t)) if job.stopped_intent == Some("create") => {
                 return Outcome::Row(RowUpdate::Done {
                     line: job.line,
@@ -1103,9 +1122,11 @@ async fn update(ctx: &Ctx, job: &mut Job, current: &Value) -> Outcome {
 }
 
 async fn create(ctx: &Ctx, job: &mut Job) -> Outcome {
-    let mut input = job.input.clone();
-    if input.status.is_none() {
-        input.status = Some(ctx.default_status.clone());
+    // New users get the default status; an existing one (the fallback to an
+    // update below) keeps its own.
+    let defaulted = job.input.status.is_none();
+    if defaulted {
+        job.input.status = Some(ctx.default_status.clone());
     }
     if ctx.dry_run {
         return Outcome::Row(RowUpdate::Done {
@@ -1114,7 +1135,7 @@ async fn create(ctx: &Ctx, job: &mut Job) -> Outcome {
             tester_id: 0,
         });
     }
-    let email = input.email.clone().unwrap_or_default();
+    let email = job.input.email.clone().unwrap_or_default();
     for _ in 0..CREATE_TRIES {
         if ctx.stop.is_set() {
             return Outcome::Left;
@@ -1122,7 +1143,7 @@ async fn create(ctx: &Ctx, job: &mut Job) -> Outcome {
         if !intend(ctx, job, "create").await {
             return Outcome::Left;
         }
-        match ctx.client.create_tester_id(&ctx.beta, &input).await {
+        match ctx.client.create_tester_id(&ctx.beta, &job.input).await {
             Ok(id) => {
                 return Outcome::Row(RowUpdate::Done {
                     line: job.line,
@@ -1151,7 +1172,12 @@ async fn create(ctx: &Ctx, job: &mut Job) -> Outcome {
             }) if messages.mentions("taken") || messages.mentions("already exists") => {
                 // Someone else created it since it was resolved: update it.
                 match lookup(ctx, &email).await {
-                    Ok(Some(t)) if ctx.mode != Mode::Create => return update(ctx, job, &t).await,
+                    Ok(Some(t)) if ctx.mode != Mode::Create => {
+                        if defaulted {
+                            job.input.status = None;
+                        }
+                        return update(ctx, job, &t).await;
+                    }
                     Ok(_) => {
                         return rejected(
                             job,
