@@ -227,11 +227,11 @@ impl Client {
     ) -> Result<Reply, ApiError> {
         let class = Self::rate_class(op);
         let method = Self::method(op);
-        let mut url = self.base.join(path).map_err(|e| ApiError::Decode {
-            op: op.describe(),
-            status: 0,
-            cause: format!("bad path {path:?}: {e}"),
-        })?;
+        // The base with `path` appended: only the path is parsed (a `join`
+        // would parse the whole URL again, host included, on every call).
+        debug_assert!(!path.starts_with('/') && !path.contains(['?', '#']));
+        let mut url = self.base.clone();
+        url.set_path(&format!("{}{path}", self.base.path()));
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query);
         }
