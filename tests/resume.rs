@@ -13,6 +13,10 @@ const ROWS: usize = 1200;
 
 /// Imports `dir/NAME.csv`, with its checkpoint and summary beside it.
 fn spawn_import(s: &Sandbox, dir: &std::path::Path, name: &str) -> Child {
+    spawn_import_with(s, dir, name, &[])
+}
+
+fn spawn_import_with(s: &Sandbox, dir: &std::path::Path, name: &str, extra: &[&str]) -> Child {
     Command::new(assert_cmd::cargo::cargo_bin("prefsync"))
         .args([
             "import",
@@ -38,6 +42,7 @@ fn spawn_import(s: &Sandbox, dir: &std::path::Path, name: &str) -> Child {
         .arg(dir.join(format!("{name}.ck.sqlite")))
         .arg("--summary-json")
         .arg(dir.join(format!("{name}.summary.json")))
+        .args(extra)
         .env("PREFINERY_BASE_URL", s.base_url())
         .env("PREFINERY_API_KEY", common::KEY)
         .stdout(Stdio::null())
@@ -123,6 +128,43 @@ async fn kill_9_mid_run_then_resume() {
         "{summary}"
     );
     assert_exactly_once(&s);
+}
+
+/// `--mode create` resolves nothing, except the rows in flight at the kill:
+/// the resume finds them by listing the project when that is cheaper than a
+/// lookup each, and creates nobody twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_create_mode_resumes_by_listing() {
+    let s = common::sandbox(SandboxConfig {
+        latency_ms: Some((2, 8)),
+        rate_scale: 60.0,
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    write_input(dir.path(), "in", "P");
+    let mode = ["--mode", "create"];
+    let mut child = spawn_import_with(&s, dir.path(), "in", &mode);
+    wait_for_users(&s, 300).await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let (code, stderr) = finish(spawn_import_with(&s, dir.path(), "in", &mode)).await;
+    assert_eq!(code, 0, "{stderr}");
+    let summary = summary(dir.path(), "in");
+    assert_eq!(
+        summary["created"].as_u64().unwrap() as usize,
+        ROWS,
+        "{summary}"
+    );
+    assert_exactly_once(&s);
+    // No more list calls than pages of what existed at the resume.
+    let lists = s.app.stats_json()["routes"]["testers.list"]["200"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        lists <= (ROWS as u64).div_ceil(25) + 1,
+        "{lists} list calls"
+    );
 }
 
 /// Every row labelled right across kills too: a user updated just before

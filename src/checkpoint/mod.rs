@@ -86,7 +86,10 @@ pub struct Counts {
     pub updated: u64,
     pub unchanged: u64,
     pub rejected: u64,
+    /// Open rows (pending or sending).
     pub pending: u64,
+    /// Of those, rows that were in flight when a run stopped.
+    pub sending: u64,
 }
 
 impl Counts {
@@ -399,6 +402,10 @@ impl Checkpoint {
                 "updated" => c.updated = n,
                 "unchanged" => c.unchanged = n,
                 "rejected" => c.rejected = n,
+                "sending" => {
+                    c.sending = n;
+                    c.pending += n;
+                }
                 _ => c.pending += n,
             }
         }

@@ -241,6 +241,9 @@ const DISPATCH_BATCH: usize = 32;
 /// Rows a worker takes at a time (one wake-up, one report to the writer).
 const WORK_CHUNK: usize = 8;
 
+/// A worker reports what it has done at least this often.
+const REPORT_AFTER: Duration = Duration::from_millis(250);
+
 struct Ctx {
     client: Client,
     beta: String,
@@ -391,6 +394,24 @@ pub async fn import(
 
     // How to tell new users from existing ones.
     let resolve = match opts.mode {
+        // Creating needs no resolving, except for the rows a stopped run had
+        // in flight: each is looked up, unless listing the project is cheaper.
+        Mode::Create if before.sending > 0 && !opts.dry_run => {
+            let beta = client.beta(&opts.beta).await?;
+            let pages = beta.testers_count.unwrap_or(0).div_ceil(PAGE_SIZE as u64);
+            let list = pages < before.sending;
+            tracing::info!(
+                in_flight = before.sending,
+                "{} rows were in flight when the last run stopped: {}",
+                before.sending,
+                if list {
+                    format!("listing the project ({pages} testers-list calls) to find them")
+                } else {
+                    "looking each one up".to_string()
+                }
+            );
+            list.then_some(Resolve::List)
+        }
         Mode::Create => None,
         _ => Some(match opts.resolve {
             Some(r) => r,
@@ -530,14 +551,21 @@ pub async fn import(
                 loop {
                     let chunk = jobs.lock().await.recv().await;
                     let Some(chunk) = chunk else { return };
-                    for job in chunk {
+                    let mut since = Instant::now();
+                    let last = chunk.len() - 1;
+                    for (i, job) in chunk.into_iter().enumerate() {
                         if let Some(u) = work(&ctx, job).await {
                             updates.push(u);
                         }
-                    }
-                    if !updates.is_empty() {
-                        let rows = std::mem::replace(&mut updates, Vec::with_capacity(WORK_CHUNK));
-                        let _ = ctx.writer.send(ToWriter::Rows(rows)).await;
+                        // Report at the end of the chunk, or sooner when rows
+                        // are slow (rate-limited lookups), so progress and
+                        // the checkpoint keep up.
+                        if !updates.is_empty() && (i == last || since.elapsed() >= REPORT_AFTER) {
+                            let rows =
+                                std::mem::replace(&mut updates, Vec::with_capacity(WORK_CHUNK));
+                            let _ = ctx.writer.send(ToWriter::Rows(rows)).await;
+                            since = Instant::now();
+                        }
                     }
                 }
             })
