@@ -248,6 +248,23 @@ async fn import_rows(rows: u64, concurrency: u64) -> Figures {
     m.stop(&s)
 }
 
+/// Row `i` of the benchmark's input, as the import maps it.
+fn bench_input(i: u64) -> TesterInput {
+    let mut input = TesterInput {
+        email: Some(format!("bench{i}@example.com")),
+        status: Some("imported".into()),
+        ..Default::default()
+    };
+    input
+        .profile
+        .insert("first_name".into(), format!("First{i}").into());
+    input
+        .profile
+        .insert("last_name".into(), format!("Last{i}").into());
+    input.profile.insert("country".into(), "NO".into());
+    input
+}
+
 /// The same creates, bare: N tasks, one reqwest client, nothing else:
 /// (seconds, client CPU).
 async fn bare_creates(rows: u64, concurrency: u64) -> Figures {
@@ -265,18 +282,7 @@ async fn bare_creates(rows: u64, concurrency: u64) -> Figures {
                     if i >= rows {
                         return;
                     }
-                    let mut input = TesterInput {
-                        email: Some(format!("bench{i}@example.com")),
-                        status: Some("imported".into()),
-                        ..Default::default()
-                    };
-                    input
-                        .profile
-                        .insert("first_name".into(), format!("First{i}").into());
-                    input
-                        .profile
-                        .insert("last_name".into(), format!("Last{i}").into());
-                    input.profile.insert("country".into(), "NO".into());
+                    let input = bench_input(i);
                     let r = http
                         .post(&url)
                         .basic_auth(DEFAULT_KEY, Some(""))
@@ -313,18 +319,7 @@ async fn client_creates(rows: u64, concurrency: u64) -> Figures {
                     if i >= rows {
                         return;
                     }
-                    let mut input = TesterInput {
-                        email: Some(format!("bench{i}@example.com")),
-                        status: Some("imported".into()),
-                        ..Default::default()
-                    };
-                    input
-                        .profile
-                        .insert("first_name".into(), format!("First{i}").into());
-                    input
-                        .profile
-                        .insert("last_name".into(), format!("Last{i}").into());
-                    input.profile.insert("country".into(), "NO".into());
+                    let input = bench_input(i);
                     client.create_tester_id("1", &input).await.unwrap();
                 }
             })

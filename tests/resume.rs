@@ -78,6 +78,18 @@ async fn wait_for(s: &Sandbox, n: usize, pred: impl Fn(&serde_json::Value) -> bo
     }
 }
 
+/// A sandbox enforcing the documented limits at 60x, with some latency,
+/// and a folder for the run's files.
+async fn limited_sandbox() -> (Sandbox, tempfile::TempDir) {
+    let s = common::sandbox(SandboxConfig {
+        latency_ms: Some((2, 8)),
+        rate_scale: 60.0,
+        ..Default::default()
+    })
+    .await;
+    (s, tempfile::tempdir().unwrap())
+}
+
 async fn finish(child: Child) -> (i32, String) {
     let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
         .await
@@ -102,13 +114,7 @@ fn assert_exactly_once(s: &Sandbox) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_run_then_resume() {
-    let s = common::sandbox(SandboxConfig {
-        latency_ms: Some((2, 8)),
-        rate_scale: 60.0,
-        ..Default::default()
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
+    let (s, dir) = limited_sandbox().await;
     write_input(dir.path(), "in", "P");
     for stop_at in [200, 700] {
         let mut child = spawn_import(&s, dir.path(), "in");
@@ -135,13 +141,7 @@ async fn kill_9_mid_run_then_resume() {
 /// lookup each, and creates nobody twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_in_create_mode_resumes_by_listing() {
-    let s = common::sandbox(SandboxConfig {
-        latency_ms: Some((2, 8)),
-        rate_scale: 60.0,
-        ..Default::default()
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
+    let (s, dir) = limited_sandbox().await;
     write_input(dir.path(), "in", "P");
     let mode = ["--mode", "create"];
     let mut child = spawn_import_with(&s, dir.path(), "in", &mode);
@@ -171,13 +171,7 @@ async fn kill_9_in_create_mode_resumes_by_listing() {
 /// the kill is `updated` on resume, not `unchanged`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_update_then_resume() {
-    let s = common::sandbox(SandboxConfig {
-        latency_ms: Some((2, 8)),
-        rate_scale: 60.0,
-        ..Default::default()
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
+    let (s, dir) = limited_sandbox().await;
     write_input(dir.path(), "first", "P");
     let (code, stderr) = finish(spawn_import(&s, dir.path(), "first")).await;
     assert_eq!(code, 0, "{stderr}");
@@ -212,13 +206,7 @@ async fn kill_9_mid_update_then_resume() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_stops_with_exit_5_and_the_lock_holds_off_a_second_run() {
-    let s = common::sandbox(SandboxConfig {
-        latency_ms: Some((2, 8)),
-        rate_scale: 60.0,
-        ..Default::default()
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
+    let (s, dir) = limited_sandbox().await;
     write_input(dir.path(), "in", "P");
     let child = spawn_import(&s, dir.path(), "in");
     wait_for_users(&s, 100).await;
