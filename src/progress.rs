@@ -17,6 +17,34 @@ pub struct Snapshot {
     pub throttled: u64,
     /// Seconds left, when it can be told (it accounts for the rate limit).
     pub eta: Option<Duration>,
+    /// Records done alongside (users when exporting pages of users), and
+    /// their total when the server tells it.
+    pub items: Option<Items>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Items {
+    pub done: u64,
+    pub total: Option<u64>,
+    /// The total is an upper bound (pages × page size): the server did not
+    /// say how many records there are.
+    pub approximate: bool,
+    pub unit: &'static str,
+}
+
+impl Items {
+    fn describe(&self) -> String {
+        match self.total {
+            Some(t) => format!(
+                "{} {} of {}{}",
+                self.unit,
+                self.done,
+                if self.approximate { "at most " } else { "" },
+                t.max(self.done)
+            ),
+            None => format!("{} {}", self.unit, self.done),
+        }
+    }
 }
 
 impl Snapshot {
@@ -60,17 +88,22 @@ impl Progress for LogLines {
             return;
         }
         *last = Some(Instant::now());
+        let items = s.items.map(|i| i.describe());
         tracing::info!(
+            items,
             done = s.done,
             total = s.total,
             rate = format!("{:.1}/s", s.rate()),
             limiter_wait_s = s.limiter_wait.as_secs(),
             throttled = s.throttled,
             eta_s = s.eta.map(|d| d.as_secs()),
-            "{} {} of {}",
+            "{} {} of {}{}",
             s.unit,
             s.done,
-            s.total
+            s.total,
+            s.items
+                .map(|i| format!(", {}", i.describe()))
+                .unwrap_or_default()
         );
     }
 }
@@ -111,8 +144,12 @@ impl Progress for Bar {
                 )
             })
             .unwrap_or_default();
+        let items = s
+            .items
+            .map(|i| format!(" · {}", i.describe()))
+            .unwrap_or_default();
         self.bar.set_message(format!(
-            "{} · {:.1}/s · waited on rate limit {}s · throttled {}{eta}",
+            "{}{items} · {:.1}/s · waited on rate limit {}s · throttled {}{eta}",
             s.unit,
             s.rate(),
             s.limiter_wait.as_secs(),

@@ -382,3 +382,55 @@ async fn killed_export_resumes_to_the_same_result() {
     );
     assert!(!spool.exists());
 }
+
+/// Records every progress snapshot.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<Snapshot>>);
+
+impl Progress for Recorder {
+    fn update(&self, s: &Snapshot) {
+        self.0.lock().unwrap().push(s.clone());
+    }
+}
+
+/// Progress counts pages and users, each of its total as `X-Pagination`
+/// tells it; without a record count, pages × 25 bounds the users.
+#[tokio::test]
+async fn progress_counts_pages_and_users_of_their_totals() {
+    for total_key in [true, false] {
+        let s = common::sandbox(SandboxConfig {
+            seed_testers: 230,
+            rate_scale: 0.0,
+            total_key,
+            ..Default::default()
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let rec = Arc::new(Recorder::default());
+        let o = opts(
+            Resource::Testers,
+            Format::Jsonl,
+            &dir.path().join("users.jsonl"),
+        );
+        export(
+            &common::unlimited_client(&s),
+            &o,
+            Stop::default(),
+            rec.clone(),
+        )
+        .await
+        .unwrap();
+        let seen = rec.0.lock().unwrap();
+        let (first, last) = (&seen[0], seen.last().unwrap());
+        let total = if total_key { 230 } else { 250 };
+        assert_eq!((first.unit, first.done, first.total), ("pages", 1, 10));
+        let items = first.items.unwrap();
+        assert_eq!(
+            (items.unit, items.done, items.total, items.approximate),
+            ("users", 25, Some(total), !total_key)
+        );
+        assert_eq!((last.done, last.total), (10, 10));
+        let items = last.items.unwrap();
+        assert_eq!((items.done, items.total), (230, Some(total)));
+    }
+}

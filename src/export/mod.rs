@@ -20,10 +20,10 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::api::{Client, Pagination, RateClass};
+use crate::api::{Client, PAGE_SIZE, Pagination, RateClass};
 use crate::exit::usage;
 use crate::lock::RunLock;
-use crate::progress::{Progress, Snapshot};
+use crate::progress::{Items, Progress, Snapshot};
 use crate::stop::Stop;
 pub use resource::Resource;
 use sink::{CsvOptions, FileSink, Format, Part, Sink, SqliteSink};
@@ -230,6 +230,8 @@ pub async fn export(
         started,
         pages_done: Default::default(),
         pages_total: Default::default(),
+        records_total: Default::default(),
+        records_approximate: Default::default(),
         rows: Default::default(),
         local_ns: Default::default(),
     });
@@ -301,8 +303,22 @@ struct Shared {
     started: Instant,
     pages_done: std::sync::atomic::AtomicU64,
     pages_total: std::sync::atomic::AtomicU64,
+    /// Records in all the parts, as far as the servers told (0: unknown).
+    records_total: std::sync::atomic::AtomicU64,
+    /// Some part's record count is an upper bound (pages × page size).
+    records_approximate: std::sync::atomic::AtomicBool,
     rows: std::sync::atomic::AtomicU64,
     local_ns: std::sync::atomic::AtomicU64,
+}
+
+/// Moves `total` from this part's old share `mine` to `new`.
+fn adjust(total: &std::sync::atomic::AtomicU64, mine: &mut u64, new: u64) {
+    if new >= *mine {
+        total.fetch_add(new - *mine, Ordering::Relaxed);
+    } else {
+        total.fetch_sub(*mine - new, Ordering::Relaxed);
+    }
+    *mine = new;
 }
 
 fn list_size(p: &Option<Pagination>) -> Option<(u64, Option<u64>)> {
@@ -352,6 +368,8 @@ async fn export_part(
     };
     let beta_opt = (!beta.is_empty()).then(|| beta.to_string());
     let mut sizes_seen: Vec<(u64, Option<u64>)> = Vec::new();
+    // This part's share of the run's totals so far: (pages, records).
+    let mut counted = (0u64, 0u64);
     let mut passes = 0;
     let mut start = first_page;
     loop {
@@ -378,8 +396,20 @@ async fn export_part(
                     sizes_seen.push(s);
                 }
                 if passes == 1 {
-                    let total_pages = s.0;
-                    shared.pages_total.fetch_max(total_pages, Ordering::Relaxed);
+                    // What is left of this part, added once to the run's
+                    // totals (and corrected if the list's size changes).
+                    let skipped = first_page.saturating_sub(1);
+                    let pages_left = s.0.saturating_sub(skipped);
+                    let per_page = PAGE_SIZE as u64;
+                    let records_left = match s.1 {
+                        Some(r) => r.saturating_sub(skipped * per_page),
+                        None => {
+                            shared.records_approximate.store(true, Ordering::Relaxed);
+                            pages_left * per_page
+                        }
+                    };
+                    adjust(&shared.pages_total, &mut counted.0, pages_left);
+                    adjust(&shared.records_total, &mut counted.1, records_left);
                 }
             }
             let t = Instant::now();
@@ -409,6 +439,12 @@ async fn export_part(
                 throttled: client.stats().throttled.load(Ordering::Relaxed),
                 // The quota is the ceiling: 60 pages a minute is 1,500 users.
                 eta: quota.map(|q| Duration::from_secs_f64(total.saturating_sub(done) as f64 / q)),
+                items: Some(Items {
+                    done: rows,
+                    total: Some(shared.records_total.load(Ordering::Relaxed)).filter(|t| *t > 0),
+                    approximate: shared.records_approximate.load(Ordering::Relaxed),
+                    unit: part.resource.unit(),
+                }),
             });
             tracing::debug!(page = page.number, rows, "page written");
             if page.last {

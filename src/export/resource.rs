@@ -14,6 +14,17 @@ pub enum Resource {
 }
 
 impl Resource {
+    /// What one record is, for progress lines.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Resource::Testers => "users",
+            Resource::Rewards => "rewards",
+            Resource::Suppressions => "suppressions",
+            Resource::Points => "points",
+            Resource::Betas => "projects",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Resource::Testers => "testers",

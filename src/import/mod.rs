@@ -534,6 +534,7 @@ pub async fn import(
                     ),
                     throttled: stats.throttled.load(Ordering::Relaxed),
                     eta: (eff > 0.0).then(|| Duration::from_secs_f64(left as f64 / eff)),
+                    items: None,
                 });
             }
         })
