@@ -94,42 +94,16 @@ async fn three_auth_methods_and_their_refusals() {
         200
     );
     assert_eq!(st(get("betas/1.json").await.send().await.unwrap()), 401);
-    assert_eq!(
-        st(get("betas/1.json")
-            .await
-            .bearer_auth("nope")
-            .send()
-            .await
-            .unwrap()),
-        401
-    );
-    assert_eq!(
-        st(get("betas/1.json")
-            .await
-            .bearer_auth("old")
-            .send()
-            .await
-            .unwrap()),
-        401
-    );
-    assert_eq!(
-        st(get("betas/1.json")
-            .await
-            .bearer_auth("ro")
-            .send()
-            .await
-            .unwrap()),
-        403
-    );
-    assert_eq!(
-        st(get("betas/1/testers.json")
-            .await
-            .bearer_auth("ro")
-            .send()
-            .await
-            .unwrap()),
-        200
-    );
+    // Bearer keys: unknown, expired (`old`), Users > Read only (`ro`).
+    for (path, key, want) in [
+        ("betas/1.json", "nope", 401),
+        ("betas/1.json", "old", 401),
+        ("betas/1.json", "ro", 403),
+        ("betas/1/testers.json", "ro", 200),
+    ] {
+        let got = st(get(path).await.bearer_auth(key).send().await.unwrap());
+        assert_eq!(got, want, "{path} with key {key:?}");
+    }
 }
 
 #[tokio::test]
