@@ -211,6 +211,64 @@ also@x.io,,Fine\n",
     assert_eq!(f.user("good@x.io")["profile"]["first_name"], "Dup");
 }
 
+/// A file that sets no status is planned and sent in one pass: the same
+/// checks, duplicates found across dispatch batches and within one, every
+/// row accounted for, and the run recorded as planned in full.
+#[tokio::test]
+async fn single_pass_checks_every_row_like_the_planning_pass() {
+    let f = Fixture::new(SandboxConfig::default()).await;
+    let mut text = b"email,first_name\n".to_vec();
+    for i in 0..100 {
+        text.extend_from_slice(format!("u{i}@x.io,Name{i}\n").as_bytes());
+        match i {
+            10 => text.extend_from_slice(b",NoEmail\n"),
+            20 => text.extend_from_slice(b"bad email@x.io,Space\n"),
+            // Far from its first line (another batch), and right after it.
+            60 => text.extend_from_slice(b" U5@X.IO ,Again\n"),
+            70 => text.extend_from_slice(b"u70@x.io,Twice\n"),
+            80 => text.extend_from_slice(b"latin@x.io,Ren\xe9e\n"),
+            _ => {}
+        }
+    }
+    let input = f.file("in.csv", &text);
+    let s = f.run(&f.opts(&input)).await.unwrap();
+    assert_eq!(
+        (s.total_rows, s.created, s.rejected, s.pending),
+        (105, 101, 4, 0)
+    );
+    assert!(!s.stopped);
+    assert_eq!(f.users().len(), 101);
+    // The file is Windows-1252 (one byte gave it away), read as such.
+    assert_eq!(f.user("latin@x.io")["profile"]["first_name"], "Renée");
+
+    let errors = f.csv("errors.csv");
+    let message = |cell: &str| {
+        errors
+            .iter()
+            .find(|r| r[0] == cell)
+            .unwrap_or_else(|| panic!("no error row for {cell:?}: {errors:?}"))[5]
+            .clone()
+    };
+    assert!(message("").contains("empty"));
+    assert!(message("bad email@x.io").contains("space"));
+    assert!(message(" U5@X.IO ").contains("already on line 7"));
+    assert!(message("u70@x.io").contains("already on line 75"));
+    assert!(errors.iter().skip(1).all(|r| r[3] == "validation"));
+
+    let results = f.csv("results.csv");
+    let lines: Vec<u64> = results
+        .iter()
+        .skip(1)
+        .map(|r| r[0].parse().unwrap())
+        .collect();
+    assert_eq!(lines, (2..=106).collect::<Vec<_>>());
+
+    let ck = prefsync::checkpoint::Checkpoint::open(&f.dir.path().join("ck.sqlite")).unwrap();
+    let run = &ck.runs().unwrap()[0];
+    assert!(run.planned, "{run:?}");
+    assert_eq!((run.total_rows, run.state.as_str()), (Some(105), "done"));
+}
+
 #[tokio::test]
 async fn dry_run_writes_nothing() {
     let f = Fixture::new(SandboxConfig {

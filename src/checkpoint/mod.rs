@@ -96,6 +96,11 @@ impl Counts {
     pub fn finished(&self) -> u64 {
         self.created + self.updated + self.unchanged + self.rejected
     }
+
+    /// Every row recorded.
+    pub fn total(&self) -> u64 {
+        self.finished() + self.pending
+    }
 }
 
 /// A row's final or in-flight state, as the engine reports it.
@@ -314,6 +319,31 @@ impl Checkpoint {
             Some(l) if l as u64 != line => Ok(Some(l as u64)),
             // Planned already (a resumed planning pass).
             _ => Ok(None),
+        }
+    }
+
+    /// Plans one row and marks it `sending` with its intent in one step (a
+    /// run's single pass, when nothing needs the whole file checked first).
+    /// Returns the first line with the same email when the email was seen
+    /// before in this run: the row is then not recorded, and not sent.
+    pub fn plan_sending(
+        &self,
+        run: i64,
+        line: u64,
+        email: &str,
+        intent: Option<&'static str>,
+    ) -> anyhow::Result<Option<u64>> {
+        let mut insert = self.conn.prepare_cached(
+            "INSERT INTO rows (run_id, line, email, state, intent, attempts) VALUES (?1, ?2, ?3, 'sending', ?4, 1) ON CONFLICT DO NOTHING",
+        )?;
+        if insert.execute(params![run, line as i64, email, intent])? == 1 {
+            return Ok(None);
+        }
+        match self.plan_row(run, line, email)? {
+            Some(first) => Ok(Some(first)),
+            None => bail!(
+                "line {line} of run {run} is in the checkpoint already; it cannot be planned again"
+            ),
         }
     }
 

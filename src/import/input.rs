@@ -318,6 +318,23 @@ impl CsvInput {
         }
         Ok(Some(Ok(Record { line, fields })))
     }
+
+    /// Reads the remaining records without decoding them: how many there
+    /// are (the run's total before its single pass).
+    pub fn count_records(&mut self) -> anyhow::Result<u64> {
+        let mut n = 0;
+        while self
+            .reader
+            .read_byte_record(&mut self.raw)
+            .map_err(|e| anyhow::anyhow!("failed to read {}: {e}", self.source.display()))?
+        {
+            // Keeps the newline index from growing.
+            let start = self.raw.position().map_or(0, |p| p.byte());
+            self.newlines.line_at(start);
+            n += 1;
+        }
+        Ok(n)
+    }
 }
 
 fn decode(enc: Encoding, bytes: &[u8]) -> Option<String> {

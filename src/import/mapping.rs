@@ -285,21 +285,10 @@ impl Mapping {
         })
     }
 
-    /// The row's status, if it sets one (for the emailing-status check).
-    pub fn status_of<'a>(&'a self, fields: &'a [String]) -> Option<String> {
-        let from_col = self
-            .columns
-            .iter()
-            .find(|c| c.target == Target::Status)
-            .and_then(|c| fields.get(c.index))
-            .map(|s| s.trim().to_lowercase())
-            .filter(|s| !s.is_empty());
-        from_col.or_else(|| {
-            self.constants
-                .iter()
-                .find(|(t, _)| *t == Target::Status)
-                .map(|(_, v)| v.trim().to_lowercase())
-        })
+    /// Whether any row can set a status (a column or a constant).
+    pub fn sets_status(&self) -> bool {
+        self.columns.iter().any(|c| c.target == Target::Status)
+            || self.constants.iter().any(|(t, _)| *t == Target::Status)
     }
 
     /// Maps and checks one row. The error names the column and says what to

@@ -1,12 +1,15 @@
 //! `import testers`: CSV rows into tester create and update calls, through
 //! concurrent, rate-limited workers, journalled in the checkpoint.
 //!
-//! A run has two passes over the input. Planning reads every row once,
-//! validates it, finds duplicates (through the checkpoint's email index, so
-//! memory stays flat) and records each row as `pending` or `rejected`. The
-//! main pass reads the file again and hands the rows still open to the
-//! workers. One task owns the checkpoint; workers report to it over a
-//! bounded channel, and a create or update is sent only after its row is
+//! A new run whose rows cannot set a status that emails people reads its
+//! input once: a quick count for the progress, then a single pass that
+//! checks each row, finds duplicates (through the checkpoint's email index,
+//! so memory stays flat), records it `sending` or `rejected`, and hands it
+//! to the workers. Otherwise (rows that may set `invited` must all be
+//! counted before anything is sent; a run stopped during its single pass)
+//! a planning pass records every row first, and the main pass reads the
+//! file again for the rows still open. One task owns the checkpoint;
+//! workers report to it over a bounded channel, and a create or update is sent only after its row is
 //! `sending` on disk with that intent (decided at dispatch when the plan is
 //! known, else by the worker, which waits for the commit). A row found
 //! `sending` on resume, and every create whose outcome is unknown, is looked
@@ -226,6 +229,16 @@ enum ToWriter {
     /// `sending` on disk before any of them can be sent; acknowledged once
     /// committed.
     Dispatch(Vec<(u64, Option<&'static str>)>, oneshot::Sender<()>),
+    /// A single pass's rows: the valid ones (line, email, planned intent)
+    /// to record as `sending`, the invalid ones to record as rejected.
+    /// Answered once committed with the valid rows that turned out to be
+    /// duplicates of earlier lines (line, first line): not recorded, not to
+    /// be sent.
+    Plan(
+        Vec<(u64, String, Option<&'static str>)>,
+        Vec<RowUpdate>,
+        oneshot::Sender<Vec<(u64, u64)>>,
+    ),
     /// A worker's intent, decided after the dispatch (a lookup, a fallback);
     /// acknowledged once committed.
     Intend(u64, &'static str, oneshot::Sender<()>),
@@ -373,24 +386,42 @@ pub async fn import(
     };
     let planned = ck.run(run)?.is_some_and(|r| r.planned);
 
-    if !planned {
-        let total = plan(&ck, run, &source, opts, &mapping)?;
-        if total.emailing > 0 && !opts.allow_emails {
-            ck.abandon(run)?;
-            return Err(usage(format!(
-                "{} rows set a status ({}) that makes Prefinery email these people (first at line {}); \
-                 add --allow-emails to send them, or change the status",
-                total.emailing,
-                EMAILING_STATUSES.join(", "),
-                total.first_emailing_line
-            )));
-        }
-        ck.set_planned(run, total.rows)?;
-    } else {
+    // A new run whose rows cannot set a status that emails people needs no
+    // look at the whole file before its first call: a single pass plans
+    // each row and hands it out, so planning overlaps the calls. Otherwise,
+    // and to finish the planning of a run stopped during its single pass,
+    // every row is planned before the first call.
+    let single_pass =
+        !planned && ck.counts(run)?.total() == 0 && (opts.allow_emails || !mapping.sets_status());
+    let total_rows = if single_pass {
         ck.set_state(run, "running")?;
-    }
-    let total_rows = ck.run(run)?.and_then(|r| r.total_rows).unwrap_or(0) as u64;
+        CsvInput::open(&source, opts.encoding, delimiter)?.count_records()?
+    } else {
+        if !planned {
+            let total = plan(&ck, run, &source, opts, &mapping)?;
+            if total.emailing > 0 && !opts.allow_emails {
+                ck.abandon(run)?;
+                return Err(usage(format!(
+                    "{} rows set a status ({}) that makes Prefinery email these people (first at line {}); \
+                     add --allow-emails to send them, or change the status",
+                    total.emailing,
+                    EMAILING_STATUSES.join(", "),
+                    total.first_emailing_line
+                )));
+            }
+            ck.set_planned(run, total.rows)?;
+        } else {
+            ck.set_state(run, "running")?;
+        }
+        ck.run(run)?.and_then(|r| r.total_rows).unwrap_or(0) as u64
+    };
     let before = ck.counts(run)?;
+    // Rows still to do: all of them in a single pass (none recorded yet).
+    let open = if single_pass {
+        total_rows
+    } else {
+        before.pending
+    };
 
     // How to tell new users from existing ones.
     let resolve = match opts.mode {
@@ -419,7 +450,6 @@ pub async fn import(
                 let beta = client.beta(&opts.beta).await?;
                 let users = beta.testers_count.unwrap_or(0);
                 let pages = users.div_ceil(PAGE_SIZE as u64);
-                let open = before.pending;
                 let choice = if pages < open {
                     Resolve::List
                 } else {
@@ -438,7 +468,7 @@ pub async fn import(
             }
         }),
     };
-    if resolve == Some(Resolve::List) && before.pending > 0 {
+    if resolve == Some(Resolve::List) && open > 0 {
         list_project(client, &ck, run, &opts.beta, &stop).await?;
     }
 
@@ -470,6 +500,7 @@ pub async fn import(
                 &mapping,
                 mode,
                 resolve,
+                single_pass,
                 jtx,
                 reader_writer,
                 &stop,
@@ -585,10 +616,16 @@ pub async fn import(
     let fatal = ctx.fatal.lock().unwrap().take();
     drop(ctx);
     let ck = writer.await.context("the checkpoint writer panicked")??;
-    reader_result?;
+    let read_all = reader_result?;
+    // A single pass that read the whole input has planned every row.
+    if single_pass && read_all {
+        ck.set_planned(run, total_rows)?;
+    }
 
     let counts = ck.counts(run)?;
-    let stopped = counts.pending > 0;
+    // Rows a stopped single pass never reached are not in the checkpoint.
+    let pending = total_rows.saturating_sub(counts.finished());
+    let stopped = pending > 0 || (single_pass && !read_all);
     ck.set_state(run, if stopped { "stopped" } else { "done" })?;
 
     // Reports, from the checkpoint, in line order.
@@ -623,7 +660,7 @@ pub async fn import(
         updated: counts.updated,
         unchanged: counts.unchanged,
         rejected: counts.rejected,
-        pending: counts.pending,
+        pending,
         api_calls: stats.requests.load(Ordering::Relaxed) - before_calls.0,
         throttled: stats.throttled.load(Ordering::Relaxed) - before_calls.1,
         retries: stats.retries.load(Ordering::Relaxed) - before_calls.2,
@@ -682,26 +719,16 @@ fn plan(
     ck.begin()?;
     while let Some(rec) = csv.next_record()? {
         totals.rows += 1;
-        let rejected = |line: u64, message: String, fields: &[String]| RowUpdate::Rejected {
-            line,
-            class: "validation",
-            http_status: None,
-            message,
-            raw: Some(serde_json::to_string(fields).unwrap()),
-        };
         match rec {
-            Err(bad) => ck.apply(run, &rejected(bad.line, bad.message, &bad.fields))?,
+            Err(bad) => ck.apply(run, &validation_error(bad.line, bad.message, &bad.fields))?,
             Ok(r) => match mapping.apply(&r.fields) {
-                Err(msg) => ck.apply(run, &rejected(r.line, msg, &r.fields))?,
+                Err(msg) => ck.apply(run, &validation_error(r.line, msg, &r.fields))?,
                 Ok(row) => match ck.plan_row(run, r.line, &row.email_key)? {
                     Some(first) => ck.apply(
                         run,
-                        &rejected(
+                        &validation_error(
                             r.line,
-                            format!(
-                                "duplicate: the email {:?} is already on line {first}",
-                                row.email_key
-                            ),
+                            duplicate_message(&row.email_key, first),
                             &r.fields,
                         ),
                     )?,
@@ -768,7 +795,11 @@ async fn list_project(
     Ok(())
 }
 
-/// The main pass's reader: the rows still open, in line order.
+/// The reader: hands the rows still open to the workers, in line order,
+/// each marked `sending` (durably) first. In a single pass (`plan_too`) it
+/// also plans every row on the way: checks it, rejects it or records it;
+/// otherwise the rows were planned before and the open ones are read back
+/// from the checkpoint. Returns whether it read the whole input.
 #[expect(
     clippy::too_many_arguments,
     reason = "one call site; a struct would only rename the arguments"
@@ -782,23 +813,58 @@ fn read_open_rows(
     mapping: &Mapping,
     mode: Mode,
     resolve: Option<Resolve>,
+    plan_too: bool,
     jobs: mpsc::Sender<Vec<Job>>,
     writer: mpsc::Sender<ToWriter>,
     stop: &Stop,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let ck = Checkpoint::open(ck_path)?;
     let mut batch: Vec<Job> = Vec::with_capacity(DISPATCH_BATCH);
+    let mut invalid: Vec<RowUpdate> = Vec::new();
     // Marks a batch `sending` (durably), then hands it out.
-    let flush = |batch: &mut Vec<Job>| -> bool {
-        if batch.is_empty() {
+    let flush = |batch: &mut Vec<Job>, invalid: &mut Vec<RowUpdate>| -> bool {
+        if batch.is_empty() && invalid.is_empty() {
             return true;
         }
-        let (tx, rx) = oneshot::channel();
-        let lines = batch.iter().map(|j| (j.line, j.durable)).collect();
-        if writer.blocking_send(ToWriter::Dispatch(lines, tx)).is_err()
-            || rx.blocking_recv().is_err()
-        {
-            return false;
+        if plan_too {
+            let (tx, rx) = oneshot::channel();
+            let rows = batch
+                .iter()
+                .map(|j| (j.line, j.email_key.clone(), j.durable))
+                .collect();
+            let msg = ToWriter::Plan(rows, std::mem::take(invalid), tx);
+            let Ok(duplicates) = writer
+                .blocking_send(msg)
+                .map_err(drop)
+                .and_then(|()| rx.blocking_recv().map_err(drop))
+            else {
+                return false;
+            };
+            if !duplicates.is_empty() {
+                let mut rejected = Vec::with_capacity(duplicates.len());
+                batch.retain(|j| match duplicates.iter().find(|(l, _)| *l == j.line) {
+                    Some((_, first)) => {
+                        rejected.push(validation_error(
+                            j.line,
+                            duplicate_message(&j.email_key, *first),
+                            &j.raw,
+                        ));
+                        false
+                    }
+                    None => true,
+                });
+                if writer.blocking_send(ToWriter::Rows(rejected)).is_err() {
+                    return false;
+                }
+            }
+        } else {
+            let (tx, rx) = oneshot::channel();
+            let lines = batch.iter().map(|j| (j.line, j.durable)).collect();
+            if writer.blocking_send(ToWriter::Dispatch(lines, tx)).is_err()
+                || rx.blocking_recv().is_err()
+            {
+                return false;
+            }
         }
         while !batch.is_empty() {
             let rest = batch.split_off(WORK_CHUNK.min(batch.len()));
@@ -810,37 +876,56 @@ fn read_open_rows(
         true
     };
     let mut csv = CsvInput::open(source, encoding, delimiter)?;
-    let mut open = ck.open_rows(run, 0, OPEN_CHUNK)?.into_iter().peekable();
+    let mut open = Vec::new().into_iter().peekable();
     let mut last = 0u64;
     while let Some(rec) = csv.next_record()? {
         if stop.is_set() {
-            break;
+            return Ok(false);
         }
         let line = match &rec {
             Ok(r) => r.line,
             Err(b) => b.line,
         };
-        if open.peek().is_none() {
-            let more = ck.open_rows(run, last, OPEN_CHUNK)?;
-            if more.is_empty() {
-                break;
+        let (was_sending, stopped_intent) = if plan_too {
+            (false, None)
+        } else {
+            if open.peek().is_none() {
+                let more = ck.open_rows(run, last, OPEN_CHUNK)?;
+                if more.is_empty() {
+                    break;
+                }
+                open = more.into_iter().peekable();
             }
-            open = more.into_iter().peekable();
-        }
-        while open.peek().is_some_and(|(l, _, _)| *l < line) {
-            last = open.next().unwrap().0;
-        }
-        let Some((l, was_sending, stopped_intent)) = open.peek().cloned() else {
-            continue;
+            while open.peek().is_some_and(|(l, _, _)| *l < line) {
+                last = open.next().unwrap().0;
+            }
+            let Some((l, was_sending, stopped_intent)) = open.peek().cloned() else {
+                continue;
+            };
+            if l != line {
+                continue;
+            }
+            open.next();
+            last = line;
+            (was_sending, stopped_intent)
         };
-        if l != line {
-            continue;
-        }
-        open.next();
-        last = line;
-        let Ok(r) = rec else { continue };
-        let Ok(row) = mapping.apply(&r.fields) else {
-            continue;
+        let r = match rec {
+            Ok(r) => r,
+            Err(bad) => {
+                if plan_too {
+                    invalid.push(validation_error(bad.line, bad.message, &bad.fields));
+                }
+                continue;
+            }
+        };
+        let row = match mapping.apply(&r.fields) {
+            Ok(row) => row,
+            Err(msg) => {
+                if plan_too {
+                    invalid.push(validation_error(r.line, msg, &r.fields));
+                }
+                continue;
+            }
         };
         let known = if resolve == Some(Resolve::List) {
             ck.known(run, &row.email_key)?
@@ -861,14 +946,28 @@ fn read_open_rows(
             known,
         };
         batch.push(job);
-        if batch.len() >= DISPATCH_BATCH && !flush(&mut batch) {
-            return Ok(());
+        if (batch.len() >= DISPATCH_BATCH || invalid.len() >= DISPATCH_BATCH)
+            && !flush(&mut batch, &mut invalid)
+        {
+            return Ok(false);
         }
     }
-    if !stop.is_set() {
-        flush(&mut batch);
+    Ok(!stop.is_set() && flush(&mut batch, &mut invalid))
+}
+
+/// A row refused before any call.
+fn validation_error(line: u64, message: String, fields: &[String]) -> RowUpdate {
+    RowUpdate::Rejected {
+        line,
+        class: "validation",
+        http_status: None,
+        message,
+        raw: Some(serde_json::to_string(fields).unwrap()),
     }
-    Ok(())
+}
+
+fn duplicate_message(email: &str, first: u64) -> String {
+    format!("duplicate: the email {email:?} is already on line {first}")
 }
 
 /// What a row will send, when that is known before any call: a create when
@@ -902,7 +1001,10 @@ fn intent_named(s: &str) -> Option<&'static str> {
 impl ToWriter {
     /// Somebody waits for this to be committed.
     fn awaited(&self) -> bool {
-        matches!(self, ToWriter::Dispatch(..) | ToWriter::Intend(..))
+        matches!(
+            self,
+            ToWriter::Dispatch(..) | ToWriter::Plan(..) | ToWriter::Intend(..)
+        )
     }
 }
 
@@ -932,6 +1034,7 @@ async fn writer_loop(
         }
         ck.begin()?;
         let mut acks = Vec::new();
+        let mut plan_acks = Vec::new();
         for m in batch {
             match m {
                 ToWriter::Dispatch(lines, ack) => {
@@ -943,6 +1046,19 @@ async fn writer_loop(
                         ck.apply(run, &RowUpdate::Dispatched { from, to, intent })?;
                     }
                     acks.push(ack);
+                }
+                ToWriter::Plan(rows, invalid, ack) => {
+                    let mut duplicates = Vec::new();
+                    for (line, email, intent) in rows {
+                        if let Some(first) = ck.plan_sending(run, line, &email, intent)? {
+                            duplicates.push((line, first));
+                        }
+                    }
+                    for u in &invalid {
+                        ck.apply(run, u)?;
+                    }
+                    done.fetch_add(invalid.len() as u64, Ordering::Relaxed);
+                    plan_acks.push((ack, duplicates));
                 }
                 ToWriter::Intend(line, intent, ack) => {
                     ck.apply(run, &RowUpdate::Sending { line, intent })?;
@@ -961,6 +1077,9 @@ async fn writer_loop(
         ck.commit()?;
         for a in acks {
             let _ = a.send(());
+        }
+        for (a, duplicates) in plan_acks {
+            let _ = a.send(duplicates);
         }
     }
     Ok(ck)
