@@ -133,6 +133,21 @@ pub enum RowUpdate {
     },
 }
 
+/// The background checkpoint thread; stops when dropped.
+pub struct BackgroundCheckpoints {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for BackgroundCheckpoints {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 pub struct Checkpoint {
     conn: Connection,
     path: PathBuf,
@@ -177,6 +192,39 @@ impl Checkpoint {
             conn,
             path: path.to_path_buf(),
         })
+    }
+
+    /// Moves WAL checkpoints (copying committed pages into the database,
+    /// with an fsync) from this connection to a thread of its own, so a
+    /// commit never waits for one. Until the guard is dropped.
+    pub fn checkpoint_in_background(&self) -> anyhow::Result<BackgroundCheckpoints> {
+        let conn = Connection::open(&self.path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("checkpointer".into())
+            .spawn(move || {
+                // PASSIVE: never waits for the writer or blocks it.
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(std::time::Duration::from_millis(100))
+                {
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::debug!("background WAL checkpoint: {e}");
+                    }
+                }
+            })?;
+        Ok(BackgroundCheckpoints {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Back to checkpoints on commit (SQLite's default: every 1000 pages).
+    pub fn checkpoint_on_commit(&self) -> anyhow::Result<()> {
+        self.conn.pragma_update(None, "wal_autocheckpoint", 1000)?;
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {

@@ -8,10 +8,11 @@
 //! to the workers. Otherwise (rows that may set `invited` must all be
 //! counted before anything is sent; a run stopped during its single pass)
 //! a planning pass records every row first, and the main pass reads the
-//! file again for the rows still open. One task owns the checkpoint;
-//! workers report to it over a bounded channel, and a create or update is sent only after its row is
-//! `sending` on disk with that intent (decided at dispatch when the plan is
-//! known, else by the worker, which waits for the commit). A row found
+//! file again for the rows still open. One task owns the input and the
+//! checkpoint; workers report to it over a bounded channel, and a create
+//! or update is sent only after its row is `sending` on disk with that
+//! intent (decided at dispatch when the plan is known, else by the worker,
+//! which waits for the commit). A row found
 //! `sending` on resume, and every create whose outcome is unknown, is looked
 //! up by email before anything is retried: nobody is created twice, nobody
 //! is skipped, and the stored intent labels the row `created` or `updated`
@@ -41,13 +42,13 @@ use crate::stop::Stop;
 use input::{CsvInput, Encoding, Source};
 use mapping::{EMAILING_STATUSES, EmptyCells, Mapping};
 
-/// How long the checkpoint writer gathers updates into one transaction;
-/// a pending dispatch mark (the reader waits on it) commits at once.
+/// How long the coordinator holds workers' reports for company in one
+/// transaction; one somebody waits on commits at once.
 const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(2);
 const GROUP_COMMIT_MAX: usize = 2048;
 /// Rows planned per checkpoint transaction.
 const PLAN_BATCH: usize = 5_000;
-/// Open rows the reader fetches from the checkpoint at a time.
+/// Open rows fetched from the checkpoint at a time.
 const OPEN_CHUNK: usize = 10_000;
 /// Times a create whose outcome stays unknown is tried before the row is
 /// rejected as `outcome_unknown`.
@@ -224,21 +225,8 @@ struct Job {
     known: Option<Value>,
 }
 
+/// What workers tell the coordinator.
 enum ToWriter {
-    /// Rows about to be handed to workers, with their planned intent:
-    /// `sending` on disk before any of them can be sent; acknowledged once
-    /// committed.
-    Dispatch(Vec<(u64, Option<&'static str>)>, oneshot::Sender<()>),
-    /// A single pass's rows: the valid ones (line, email, planned intent)
-    /// to record as `sending`, the invalid ones to record as rejected.
-    /// Answered once committed with the valid rows that turned out to be
-    /// duplicates of earlier lines (line, first line): not recorded, not to
-    /// be sent.
-    Plan(
-        Vec<(u64, String, Option<&'static str>)>,
-        Vec<RowUpdate>,
-        oneshot::Sender<Vec<(u64, u64)>>,
-    ),
     /// A worker's intent, decided after the dispatch (a lookup, a fallback);
     /// acknowledged once committed.
     Intend(u64, &'static str, oneshot::Sender<()>),
@@ -246,10 +234,10 @@ enum ToWriter {
     Rows(Vec<RowUpdate>),
 }
 
-/// Rows the reader marks `sending` in one transaction before handing them
-/// out. After a kill -9, at most this many plus those queued and in flight
-/// are looked up on resume; a clean stop puts the unsent ones back.
-const DISPATCH_BATCH: usize = 32;
+/// Rows the coordinator marks `sending` in one transaction before handing
+/// them out. After a kill -9, at most this many plus those queued and in
+/// flight are looked up on resume; a clean stop puts the unsent ones back.
+const DISPATCH_BATCH: usize = 64;
 
 /// Rows a worker takes at a time (one wake-up, one report to the writer).
 const WORK_CHUNK: usize = 8;
@@ -472,40 +460,30 @@ pub async fn import(
         list_project(client, &ck, run, &opts.beta, &stop).await?;
     }
 
-    // The writer thread owns the checkpoint from here on.
+    // The coordinator owns the checkpoint and the input from here on.
     let (wtx, wrx) = mpsc::channel::<ToWriter>(opts.concurrency * 4 + 16);
-    let done_count = Arc::new(AtomicU64::new(before.finished()));
-    let writer = {
-        let done = done_count.clone();
-        tokio::spawn(writer_loop(ck, run, wrx, done))
-    };
-
-    // The reader thread feeds the workers.
     let (jtx, jrx) = mpsc::channel::<Vec<Job>>(opts.concurrency * 2);
-    let reader = {
-        let reader_writer = wtx.clone();
-        let stop = stop.clone();
-        let mapping = mapping.clone();
-        let ck_path = ck_path.clone();
-        let source = source.clone();
-        let encoding = opts.encoding;
-        let mode = opts.mode;
-        tokio::task::spawn_blocking(move || {
-            read_open_rows(
-                &ck_path,
-                run,
-                &source,
-                encoding,
-                delimiter,
-                &mapping,
-                mode,
-                resolve,
-                single_pass,
-                jtx,
-                reader_writer,
-                &stop,
-            )
-        })
+    let done_count = Arc::new(AtomicU64::new(before.finished()));
+    let coordinator = {
+        let rows = RowSource {
+            csv: CsvInput::open(&source, opts.encoding, delimiter)?,
+            mapping: mapping.clone(),
+            mode: opts.mode,
+            resolve,
+            plan_too: single_pass,
+            run,
+            open: Vec::new().into_iter().peekable(),
+            last: 0,
+            exhausted: false,
+        };
+        tokio::spawn(coordinate(
+            ck,
+            rows,
+            wrx,
+            jtx,
+            done_count.clone(),
+            stop.clone(),
+        ))
     };
 
     let ctx = Arc::new(Ctx {
@@ -612,11 +590,11 @@ pub async fn import(
     }
     ticker.abort();
     progress.finish();
-    let reader_result = reader.await.context("the input reader panicked")?;
     let fatal = ctx.fatal.lock().unwrap().take();
     drop(ctx);
-    let ck = writer.await.context("the checkpoint writer panicked")??;
-    let read_all = reader_result?;
+    let (ck, read_all) = coordinator
+        .await
+        .context("the import coordinator panicked")??;
     // A single pass that read the whole input has planned every row.
     if single_pass && read_all {
         ck.set_planned(run, total_rows)?;
@@ -795,164 +773,108 @@ async fn list_project(
     Ok(())
 }
 
-/// The reader: hands the rows still open to the workers, in line order,
-/// each marked `sending` (durably) first. In a single pass (`plan_too`) it
-/// also plans every row on the way: checks it, rejects it or records it;
-/// otherwise the rows were planned before and the open ones are read back
-/// from the checkpoint. Returns whether it read the whole input.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site; a struct would only rename the arguments"
-)]
-fn read_open_rows(
-    ck_path: &Path,
-    run: i64,
-    source: &Source,
-    encoding: Option<Encoding>,
-    delimiter: Option<u8>,
-    mapping: &Mapping,
+/// The rows to hand out, in line order. In a single pass (`plan_too`)
+/// every record of the input is planned on the way: checked, then rejected
+/// or handed out; otherwise the rows were planned before, and the open ones
+/// are read back from the checkpoint.
+struct RowSource {
+    csv: CsvInput,
+    mapping: Mapping,
     mode: Mode,
     resolve: Option<Resolve>,
     plan_too: bool,
-    jobs: mpsc::Sender<Vec<Job>>,
-    writer: mpsc::Sender<ToWriter>,
-    stop: &Stop,
-) -> anyhow::Result<bool> {
-    let ck = Checkpoint::open(ck_path)?;
-    let mut batch: Vec<Job> = Vec::with_capacity(DISPATCH_BATCH);
-    let mut invalid: Vec<RowUpdate> = Vec::new();
-    // Marks a batch `sending` (durably), then hands it out.
-    let flush = |batch: &mut Vec<Job>, invalid: &mut Vec<RowUpdate>| -> bool {
-        if batch.is_empty() && invalid.is_empty() {
-            return true;
-        }
-        if plan_too {
-            let (tx, rx) = oneshot::channel();
-            let rows = batch
-                .iter()
-                .map(|j| (j.line, j.email_key.clone(), j.durable))
-                .collect();
-            let msg = ToWriter::Plan(rows, std::mem::take(invalid), tx);
-            let Ok(duplicates) = writer
-                .blocking_send(msg)
-                .map_err(drop)
-                .and_then(|()| rx.blocking_recv().map_err(drop))
-            else {
-                return false;
+    run: i64,
+    /// The next open rows (line, was it `sending`, intent), from the
+    /// checkpoint, when not planning.
+    open: std::iter::Peekable<std::vec::IntoIter<(u64, bool, Option<String>)>>,
+    last: u64,
+    exhausted: bool,
+}
+
+/// Rows read at one go: those to send, and (single pass) those refused.
+#[derive(Default)]
+struct Batch {
+    jobs: Vec<Job>,
+    invalid: Vec<RowUpdate>,
+}
+
+impl RowSource {
+    /// Up to `max` rows to send (or `max` refused ones).
+    fn next_batch(&mut self, ck: &Checkpoint, max: usize) -> anyhow::Result<Batch> {
+        let mut b = Batch::default();
+        while !self.exhausted && b.jobs.len() < max && b.invalid.len() < max {
+            let Some(rec) = self.csv.next_record()? else {
+                self.exhausted = true;
+                break;
             };
-            if !duplicates.is_empty() {
-                let mut rejected = Vec::with_capacity(duplicates.len());
-                batch.retain(|j| match duplicates.iter().find(|(l, _)| *l == j.line) {
-                    Some((_, first)) => {
-                        rejected.push(validation_error(
-                            j.line,
-                            duplicate_message(&j.email_key, *first),
-                            &j.raw,
-                        ));
-                        false
+            let line = match &rec {
+                Ok(r) => r.line,
+                Err(bad) => bad.line,
+            };
+            let (was_sending, stopped_intent) = if self.plan_too {
+                (false, None)
+            } else {
+                if self.open.peek().is_none() {
+                    let more = ck.open_rows(self.run, self.last, OPEN_CHUNK)?;
+                    if more.is_empty() {
+                        self.exhausted = true;
+                        break;
                     }
-                    None => true,
-                });
-                if writer.blocking_send(ToWriter::Rows(rejected)).is_err() {
-                    return false;
+                    self.open = more.into_iter().peekable();
                 }
-            }
-        } else {
-            let (tx, rx) = oneshot::channel();
-            let lines = batch.iter().map(|j| (j.line, j.durable)).collect();
-            if writer.blocking_send(ToWriter::Dispatch(lines, tx)).is_err()
-                || rx.blocking_recv().is_err()
-            {
-                return false;
-            }
-        }
-        while !batch.is_empty() {
-            let rest = batch.split_off(WORK_CHUNK.min(batch.len()));
-            let chunk = std::mem::replace(batch, rest);
-            if jobs.blocking_send(chunk).is_err() {
-                return false;
-            }
-        }
-        true
-    };
-    let mut csv = CsvInput::open(source, encoding, delimiter)?;
-    let mut open = Vec::new().into_iter().peekable();
-    let mut last = 0u64;
-    while let Some(rec) = csv.next_record()? {
-        if stop.is_set() {
-            return Ok(false);
-        }
-        let line = match &rec {
-            Ok(r) => r.line,
-            Err(b) => b.line,
-        };
-        let (was_sending, stopped_intent) = if plan_too {
-            (false, None)
-        } else {
-            if open.peek().is_none() {
-                let more = ck.open_rows(run, last, OPEN_CHUNK)?;
-                if more.is_empty() {
-                    break;
+                while self.open.peek().is_some_and(|(l, _, _)| *l < line) {
+                    self.last = self.open.next().unwrap().0;
                 }
-                open = more.into_iter().peekable();
-            }
-            while open.peek().is_some_and(|(l, _, _)| *l < line) {
-                last = open.next().unwrap().0;
-            }
-            let Some((l, was_sending, stopped_intent)) = open.peek().cloned() else {
-                continue;
+                let Some((l, was_sending, stopped_intent)) = self.open.peek().cloned() else {
+                    continue;
+                };
+                if l != line {
+                    continue;
+                }
+                self.open.next();
+                self.last = line;
+                (was_sending, stopped_intent)
             };
-            if l != line {
-                continue;
-            }
-            open.next();
-            last = line;
-            (was_sending, stopped_intent)
-        };
-        let r = match rec {
-            Ok(r) => r,
-            Err(bad) => {
-                if plan_too {
-                    invalid.push(validation_error(bad.line, bad.message, &bad.fields));
+            let r = match rec {
+                Ok(r) => r,
+                Err(bad) => {
+                    if self.plan_too {
+                        b.invalid
+                            .push(validation_error(bad.line, bad.message, &bad.fields));
+                    }
+                    continue;
                 }
-                continue;
-            }
-        };
-        let row = match mapping.apply(&r.fields) {
-            Ok(row) => row,
-            Err(msg) => {
-                if plan_too {
-                    invalid.push(validation_error(r.line, msg, &r.fields));
+            };
+            let row = match self.mapping.apply(&r.fields) {
+                Ok(row) => row,
+                Err(msg) => {
+                    if self.plan_too {
+                        b.invalid.push(validation_error(r.line, msg, &r.fields));
+                    }
+                    continue;
                 }
-                continue;
-            }
-        };
-        let known = if resolve == Some(Resolve::List) {
-            ck.known(run, &row.email_key)?
-                .and_then(|s| serde_json::from_str(&s).ok())
-        } else {
-            None
-        };
-        let stopped_intent = stopped_intent.as_deref().and_then(intent_named);
-        let planned = planned_intent(mode, resolve, known.as_ref(), &row.input);
-        let job = Job {
-            line,
-            email_key: row.email_key,
-            input: row.input,
-            raw: r.fields,
-            was_sending,
-            stopped_intent,
-            durable: stopped_intent.or(planned),
-            known,
-        };
-        batch.push(job);
-        if (batch.len() >= DISPATCH_BATCH || invalid.len() >= DISPATCH_BATCH)
-            && !flush(&mut batch, &mut invalid)
-        {
-            return Ok(false);
+            };
+            let known = if self.resolve == Some(Resolve::List) {
+                ck.known(self.run, &row.email_key)?
+                    .and_then(|s| serde_json::from_str(&s).ok())
+            } else {
+                None
+            };
+            let stopped_intent = stopped_intent.as_deref().and_then(intent_named);
+            let planned = planned_intent(self.mode, self.resolve, known.as_ref(), &row.input);
+            b.jobs.push(Job {
+                line,
+                email_key: row.email_key,
+                input: row.input,
+                raw: r.fields,
+                was_sending,
+                stopped_intent,
+                durable: stopped_intent.or(planned),
+                known,
+            });
         }
+        Ok(b)
     }
-    Ok(!stop.is_set() && flush(&mut batch, &mut invalid))
 }
 
 /// A row refused before any call.
@@ -1001,71 +923,115 @@ fn intent_named(s: &str) -> Option<&'static str> {
 impl ToWriter {
     /// Somebody waits for this to be committed.
     fn awaited(&self) -> bool {
-        matches!(
-            self,
-            ToWriter::Dispatch(..) | ToWriter::Plan(..) | ToWriter::Intend(..)
-        )
+        matches!(self, ToWriter::Intend(..))
     }
 }
 
-/// Owns the checkpoint: applies updates in batches, one transaction each,
-/// and acknowledges `sending` marks once they are committed.
-async fn writer_loop(
+/// The one task that owns the checkpoint and the input. Each turn is one
+/// transaction: what the workers reported, and, when the workers' queue has
+/// taken every row handed out so far, the next rows read and marked
+/// `sending` (planned too, in a single pass). Rows go to the queue only
+/// once that is committed. Owning both, it needs no round trip between a
+/// reader and a writer: one task, no thread hand-offs. Returns the
+/// checkpoint and whether the whole input was read.
+async fn coordinate(
     ck: Checkpoint,
-    run: i64,
+    mut rows: RowSource,
     mut rx: mpsc::Receiver<ToWriter>,
+    jobs: mpsc::Sender<Vec<Job>>,
     done: Arc<AtomicU64>,
-) -> anyhow::Result<Checkpoint> {
-    while let Some(first) = rx.recv().await {
-        // Group commit: gather what arrives within a short window, so one
-        // transaction carries many rows (a commit costs far more than a row).
-        let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + GROUP_COMMIT_WINDOW;
-        while batch.len() < GROUP_COMMIT_MAX {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                // The reader waits on a dispatch mark: commit now.
-                Err(_) if batch.iter().any(ToWriter::awaited) => break,
-                Err(_) => match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(m)) => batch.push(m),
-                    _ => break,
-                },
+    stop: Stop,
+) -> anyhow::Result<(Checkpoint, bool)> {
+    let run = rows.run;
+    let background = ck.checkpoint_in_background()?;
+    let mut jobs = Some(jobs);
+    // Committed `sending`, not yet taken by the queue.
+    let mut ready: std::collections::VecDeque<Job> = Default::default();
+    // Worker reports gathered for the next transaction, and since when.
+    let mut held: Vec<ToWriter> = Vec::new();
+    let mut held_since: Option<tokio::time::Instant> = None;
+    let mut reports_open = true;
+    loop {
+        // Hand out what is committed while the queue has room.
+        if let Some(tx) = &jobs {
+            while !ready.is_empty() {
+                let Ok(permit) = tx.try_reserve() else { break };
+                let n = WORK_CHUNK.min(ready.len());
+                permit.send(ready.drain(..n).collect());
             }
         }
+        let stopped = stop.is_set();
+        if stopped && !ready.is_empty() {
+            // Never sent: back to pending, so a resume need not look them up.
+            let back = ready
+                .drain(..)
+                .filter(|j| !j.was_sending)
+                .map(|j| RowUpdate::Pending { line: j.line })
+                .collect();
+            held.push(ToWriter::Rows(back));
+            held_since.get_or_insert_with(tokio::time::Instant::now);
+        }
+        let want_rows = ready.is_empty() && !rows.exhausted && !stopped && jobs.is_some();
+        if !want_rows && ready.is_empty() && jobs.is_some() {
+            // Nothing more to hand out: workers end once the queue is empty.
+            jobs = None;
+        }
+        while held.len() < GROUP_COMMIT_MAX {
+            match rx.try_recv() {
+                Ok(m) => {
+                    held.push(m);
+                    held_since.get_or_insert_with(tokio::time::Instant::now);
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    reports_open = false;
+                    break;
+                }
+            }
+        }
+        // Group commit: a transaction costs far more than a row, so reports
+        // wait a little for company, unless somebody waits on them or rows
+        // are to be marked anyway.
+        let commit_now = want_rows
+            || held.len() >= GROUP_COMMIT_MAX
+            || held.iter().any(ToWriter::awaited)
+            || (!held.is_empty() && !reports_open)
+            || held_since.is_some_and(|t| t.elapsed() >= GROUP_COMMIT_WINDOW);
+        if !commit_now {
+            if !reports_open && held.is_empty() {
+                break;
+            }
+            let deadline = held_since.map(|t| t + GROUP_COMMIT_WINDOW);
+            let tx = jobs.as_ref();
+            tokio::select! {
+                m = rx.recv(), if reports_open => match m {
+                    Some(m) => {
+                        held.push(m);
+                        held_since.get_or_insert_with(tokio::time::Instant::now);
+                    }
+                    None => reports_open = false,
+                },
+                // Room in the queue for rows already committed.
+                Ok(permit) = async { tx.unwrap().reserve().await }, if tx.is_some() && !ready.is_empty() => {
+                    let n = WORK_CHUNK.min(ready.len());
+                    permit.send(ready.drain(..n).collect());
+                }
+                () = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => {}
+                () = stop.wait(), if !stopped && !ready.is_empty() => {}
+            }
+            continue;
+        }
+
         ck.begin()?;
         let mut acks = Vec::new();
-        let mut plan_acks = Vec::new();
-        for m in batch {
+        for m in held.drain(..) {
             match m {
-                ToWriter::Dispatch(lines, ack) => {
-                    // The batch holds every open row between its first and
-                    // last line: one statement per run of equal intents.
-                    for run_of in lines.chunk_by(|a, b| a.1 == b.1) {
-                        let (from, to) = (run_of[0].0, run_of[run_of.len() - 1].0);
-                        let intent = run_of[0].1;
-                        ck.apply(run, &RowUpdate::Dispatched { from, to, intent })?;
-                    }
-                    acks.push(ack);
-                }
-                ToWriter::Plan(rows, invalid, ack) => {
-                    let mut duplicates = Vec::new();
-                    for (line, email, intent) in rows {
-                        if let Some(first) = ck.plan_sending(run, line, &email, intent)? {
-                            duplicates.push((line, first));
-                        }
-                    }
-                    for u in &invalid {
-                        ck.apply(run, u)?;
-                    }
-                    done.fetch_add(invalid.len() as u64, Ordering::Relaxed);
-                    plan_acks.push((ack, duplicates));
-                }
                 ToWriter::Intend(line, intent, ack) => {
                     ck.apply(run, &RowUpdate::Sending { line, intent })?;
                     acks.push(ack);
                 }
-                ToWriter::Rows(rows) => {
-                    for u in rows {
+                ToWriter::Rows(updates) => {
+                    for u in updates {
                         ck.apply(run, &u)?;
                         if matches!(u, RowUpdate::Done { .. } | RowUpdate::Rejected { .. }) {
                             done.fetch_add(1, Ordering::Relaxed);
@@ -1074,15 +1040,46 @@ async fn writer_loop(
                 }
             }
         }
+        held_since = None;
+        if want_rows {
+            let batch = rows.next_batch(&ck, DISPATCH_BATCH)?;
+            for u in &batch.invalid {
+                ck.apply(run, u)?;
+            }
+            done.fetch_add(batch.invalid.len() as u64, Ordering::Relaxed);
+            if rows.plan_too {
+                for job in batch.jobs {
+                    match ck.plan_sending(run, job.line, &job.email_key, job.durable)? {
+                        Some(first) => {
+                            let message = duplicate_message(&job.email_key, first);
+                            ck.apply(run, &validation_error(job.line, message, &job.raw))?;
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        None => ready.push_back(job),
+                    }
+                }
+            } else {
+                // The batch holds every open row between its first and last
+                // line: one statement per run of equal intents.
+                let marks: Vec<_> = batch.jobs.iter().map(|j| (j.line, j.durable)).collect();
+                for same in marks.chunk_by(|a, b| a.1 == b.1) {
+                    let (from, to) = (same[0].0, same[same.len() - 1].0);
+                    let intent = same[0].1;
+                    ck.apply(run, &RowUpdate::Dispatched { from, to, intent })?;
+                }
+                ready.extend(batch.jobs);
+            }
+        }
         ck.commit()?;
         for a in acks {
             let _ = a.send(());
         }
-        for (a, duplicates) in plan_acks {
-            let _ = a.send(duplicates);
-        }
+        // The transaction ran on a runtime thread: let its other tasks in.
+        tokio::task::yield_now().await;
     }
-    Ok(ck)
+    drop(background);
+    ck.checkpoint_on_commit()?;
+    Ok((ck, rows.exhausted))
 }
 
 /// What became of one row.
