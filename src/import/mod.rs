@@ -43,7 +43,7 @@ use input::{CsvInput, Encoding, Source};
 use mapping::{EMAILING_STATUSES, EmptyCells, Mapping};
 
 /// How long the coordinator holds workers' reports for company in one
-/// transaction; one somebody waits on commits at once.
+/// transaction; a report somebody waits on is committed at once.
 const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(2);
 const GROUP_COMMIT_MAX: usize = 2048;
 /// Rows planned per checkpoint transaction.
@@ -226,7 +226,7 @@ struct Job {
 }
 
 /// What workers tell the coordinator.
-enum ToWriter {
+enum ToCoordinator {
     /// A worker's intent, decided after the dispatch (a lookup, a fallback);
     /// acknowledged once committed.
     Intend(u64, &'static str, oneshot::Sender<()>),
@@ -239,7 +239,7 @@ enum ToWriter {
 /// flight are looked up on resume; a clean stop puts the unsent ones back.
 const DISPATCH_BATCH: usize = 64;
 
-/// Rows a worker takes at a time (one wake-up, one report to the writer).
+/// Rows a worker takes at a time (one wake-up, one report to the coordinator).
 const WORK_CHUNK: usize = 8;
 
 /// A worker reports what it has done at least this often.
@@ -252,7 +252,7 @@ struct Ctx {
     resolve: Option<Resolve>,
     default_status: String,
     dry_run: bool,
-    writer: mpsc::Sender<ToWriter>,
+    coordinator: mpsc::Sender<ToCoordinator>,
     stop: Stop,
     fatal: std::sync::Mutex<Option<ApiError>>,
 }
@@ -461,7 +461,7 @@ pub async fn import(
     }
 
     // The coordinator owns the checkpoint and the input from here on.
-    let (wtx, wrx) = mpsc::channel::<ToWriter>(opts.concurrency * 4 + 16);
+    let (wtx, wrx) = mpsc::channel::<ToCoordinator>(opts.concurrency * 4 + 16);
     let (jtx, jrx) = mpsc::channel::<Vec<Job>>(opts.concurrency * 2);
     let done_count = Arc::new(AtomicU64::new(before.finished()));
     let coordinator = {
@@ -493,7 +493,7 @@ pub async fn import(
         resolve,
         default_status: opts.default_status.clone(),
         dry_run: opts.dry_run,
-        writer: wtx,
+        coordinator: wtx,
         stop: stop.clone(),
         fatal: std::sync::Mutex::new(None),
     });
@@ -573,7 +573,7 @@ pub async fn import(
                         if !updates.is_empty() && (i == last || since.elapsed() >= REPORT_AFTER) {
                             let rows =
                                 std::mem::replace(&mut updates, Vec::with_capacity(WORK_CHUNK));
-                            let _ = ctx.writer.send(ToWriter::Rows(rows)).await;
+                            let _ = ctx.coordinator.send(ToCoordinator::Rows(rows)).await;
                             since = Instant::now();
                         }
                     }
@@ -920,10 +920,10 @@ fn intent_named(s: &str) -> Option<&'static str> {
     }
 }
 
-impl ToWriter {
+impl ToCoordinator {
     /// Somebody waits for this to be committed.
     fn awaited(&self) -> bool {
-        matches!(self, ToWriter::Intend(..))
+        matches!(self, ToCoordinator::Intend(..))
     }
 }
 
@@ -937,7 +937,7 @@ impl ToWriter {
 async fn coordinate(
     ck: Checkpoint,
     mut rows: RowSource,
-    mut rx: mpsc::Receiver<ToWriter>,
+    mut rx: mpsc::Receiver<ToCoordinator>,
     jobs: mpsc::Sender<Vec<Job>>,
     done: Arc<AtomicU64>,
     stop: Stop,
@@ -948,16 +948,21 @@ async fn coordinate(
     // Committed `sending`, not yet taken by the queue.
     let mut ready: std::collections::VecDeque<Job> = Default::default();
     // Worker reports gathered for the next transaction, and since when.
-    let mut held: Vec<ToWriter> = Vec::new();
+    let mut held: Vec<ToCoordinator> = Vec::new();
     let mut held_since: Option<tokio::time::Instant> = None;
+    let hold = |held: &mut Vec<ToCoordinator>,
+                since: &mut Option<tokio::time::Instant>,
+                m: ToCoordinator| {
+        held.push(m);
+        since.get_or_insert_with(tokio::time::Instant::now);
+    };
     let mut reports_open = true;
     loop {
         // Hand out what is committed while the queue has room.
         if let Some(tx) = &jobs {
             while !ready.is_empty() {
                 let Ok(permit) = tx.try_reserve() else { break };
-                let n = WORK_CHUNK.min(ready.len());
-                permit.send(ready.drain(..n).collect());
+                permit.send(next_chunk(&mut ready));
             }
         }
         let stopped = stop.is_set();
@@ -968,8 +973,7 @@ async fn coordinate(
                 .filter(|j| !j.was_sending)
                 .map(|j| RowUpdate::Pending { line: j.line })
                 .collect();
-            held.push(ToWriter::Rows(back));
-            held_since.get_or_insert_with(tokio::time::Instant::now);
+            hold(&mut held, &mut held_since, ToCoordinator::Rows(back));
         }
         let want_rows = ready.is_empty() && !rows.exhausted && !stopped && jobs.is_some();
         if !want_rows && ready.is_empty() && jobs.is_some() {
@@ -978,10 +982,7 @@ async fn coordinate(
         }
         while held.len() < GROUP_COMMIT_MAX {
             match rx.try_recv() {
-                Ok(m) => {
-                    held.push(m);
-                    held_since.get_or_insert_with(tokio::time::Instant::now);
-                }
+                Ok(m) => hold(&mut held, &mut held_since, m),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     reports_open = false;
@@ -994,7 +995,7 @@ async fn coordinate(
         // are to be marked anyway.
         let commit_now = want_rows
             || held.len() >= GROUP_COMMIT_MAX
-            || held.iter().any(ToWriter::awaited)
+            || held.iter().any(ToCoordinator::awaited)
             || (!held.is_empty() && !reports_open)
             || held_since.is_some_and(|t| t.elapsed() >= GROUP_COMMIT_WINDOW);
         if !commit_now {
@@ -1005,16 +1006,12 @@ async fn coordinate(
             let tx = jobs.as_ref();
             tokio::select! {
                 m = rx.recv(), if reports_open => match m {
-                    Some(m) => {
-                        held.push(m);
-                        held_since.get_or_insert_with(tokio::time::Instant::now);
-                    }
+                    Some(m) => hold(&mut held, &mut held_since, m),
                     None => reports_open = false,
                 },
                 // Room in the queue for rows already committed.
                 Ok(permit) = async { tx.unwrap().reserve().await }, if tx.is_some() && !ready.is_empty() => {
-                    let n = WORK_CHUNK.min(ready.len());
-                    permit.send(ready.drain(..n).collect());
+                    permit.send(next_chunk(&mut ready));
                 }
                 () = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => {}
                 () = stop.wait(), if !stopped && !ready.is_empty() => {}
@@ -1026,11 +1023,11 @@ async fn coordinate(
         let mut acks = Vec::new();
         for m in held.drain(..) {
             match m {
-                ToWriter::Intend(line, intent, ack) => {
+                ToCoordinator::Intend(line, intent, ack) => {
                     ck.apply(run, &RowUpdate::Sending { line, intent })?;
                     acks.push(ack);
                 }
-                ToWriter::Rows(updates) => {
+                ToCoordinator::Rows(updates) => {
                     for u in updates {
                         ck.apply(run, &u)?;
                         if matches!(u, RowUpdate::Done { .. } | RowUpdate::Rejected { .. }) {
@@ -1080,6 +1077,12 @@ async fn coordinate(
     drop(background);
     ck.checkpoint_on_commit()?;
     Ok((ck, rows.exhausted))
+}
+
+/// The next chunk a worker takes.
+fn next_chunk(ready: &mut std::collections::VecDeque<Job>) -> Vec<Job> {
+    let n = WORK_CHUNK.min(ready.len());
+    ready.drain(..n).collect()
 }
 
 /// What became of one row.
@@ -1155,15 +1158,15 @@ fn id_of(t: &Value) -> u64 {
 }
 
 /// Makes `intent` durable before the call that carries it out, unless the
-/// dispatch already did. `false` when the writer is gone (the run is ending).
+/// dispatch already did. `false` when the coordinator is gone (the run is ending).
 async fn intend(ctx: &Ctx, job: &mut Job, intent: &'static str) -> bool {
     if job.durable == Some(intent) {
         return true;
     }
     let (tx, rx) = oneshot::channel();
     if ctx
-        .writer
-        .send(ToWriter::Intend(job.line, intent, tx))
+        .coordinator
+        .send(ToCoordinator::Intend(job.line, intent, tx))
         .await
         .is_err()
         || rx.await.is_err()
