@@ -53,8 +53,11 @@ python3 - "$work/big.csv" <<'PY'
 import sys
 with open(sys.argv[1], "w") as f:
     f.write("email,first_name,last_name,country,custom_var1\n")
+    m = (1 << 64) - 1
     for i in range(1_000_000):
-        f.write(f"person{i}@example.com,First{i},\"Last, {i}\",NO,wave-{i%7}\n")
+        h = (i * 0x9E3779B97F4A7C15) & m          # distinct, in no order
+        h = ((h << 29) | (h >> 35)) & m
+        f.write(f"p{h:016x}@example.com,First{i},\"Last, {i}\",NO,wave-{i%7}\n")
 PY
 ls -la "$work/big.csv" | awk '{print "input bytes:", $5}'
 start_sandbox 0

@@ -383,7 +383,9 @@ pub async fn import(
         !planned && ck.counts(run)?.total() == 0 && (opts.allow_emails || !mapping.sets_status());
     let total_rows = if single_pass {
         ck.set_state(run, "running")?;
-        CsvInput::open(&source, opts.encoding, delimiter)?.count_records()?
+        let records = CsvInput::open(&source, opts.encoding, delimiter)?.count_records()?;
+        ck.expect_emails(records);
+        records
     } else {
         if !planned {
             let total = plan(&ck, run, &source, opts, &mapping)?;
