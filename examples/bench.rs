@@ -398,19 +398,23 @@ fn checkpoint_only(rows: u64) {
     let mut previous: &[u64] = &[];
     for batch in lines.chunks(64) {
         ck.begin().unwrap();
-        for line in previous {
-            let done = RowUpdate::Done {
+        let done: Vec<_> = previous
+            .iter()
+            .map(|line| RowUpdate::Done {
                 line: *line,
                 action: "created",
                 tester_id: *line,
-            };
-            ck.apply(run, &done).unwrap();
-        }
-        for line in batch {
-            let email = bench_email(*line);
-            let dup = ck.plan_sending(run, *line, &email, Some("create"));
-            assert!(dup.unwrap().is_none());
-        }
+            })
+            .collect();
+        ck.apply_all(run, &done).unwrap();
+        let emails: Vec<_> = batch.iter().map(|line| bench_email(*line)).collect();
+        let plan: Vec<_> = batch
+            .iter()
+            .zip(&emails)
+            .map(|(line, email)| (*line, email.as_str(), Some("create")))
+            .collect();
+        let firsts = ck.plan_sending_all(run, &plan).unwrap();
+        assert!(firsts.iter().all(Option::is_none));
         ck.commit().unwrap();
         previous = batch;
     }

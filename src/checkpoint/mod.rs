@@ -179,13 +179,47 @@ pub const EMAILS_IN_MEMORY: usize = (1 << 21) / 8 * 7;
 const EMAIL_INDEX: &str =
     "CREATE INDEX IF NOT EXISTS rows_by_email ON rows(run_id, email) WHERE email IS NOT NULL";
 
+/// The row counts a batch statement is prepared for: a batch goes in parts
+/// of these sizes, so a handful of statements serve every batch.
+pub const BATCH_SIZES: [usize; 4] = [64, 16, 4, 1];
+
+/// `n` split into [`BATCH_SIZES`] parts, largest first.
+fn sizes(mut n: usize) -> Vec<usize> {
+    let mut parts = Vec::new();
+    for size in BATCH_SIZES {
+        while n >= size {
+            parts.push(size);
+            n -= size;
+        }
+    }
+    parts
+}
+
+/// `head` then `n` tuples `(?1, ?a, ?b, ?c, fixed)` with `per` numbered
+/// parameters each after the run's `?1`, then `tail`.
+fn values_statement(head: &str, fixed: &str, per: usize, n: usize, tail: &str) -> String {
+    let mut sql = String::from(head);
+    for i in 0..n {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str("(?1");
+        for k in 0..per {
+            sql.push_str(&format!(", ?{}", 2 + per * i + k));
+        }
+        sql.push_str(&format!(", {fixed})"));
+    }
+    sql.push_str(tail);
+    sql
+}
+
 /// The duplicate check's index for one run: the hash of each email the run
 /// recorded (lower-cased, as planned) and the first line that had it.
 struct SeenEmails {
     /// The run loaded, if any.
     run: Option<i64>,
     /// Empty when the database has the index on emails.
-    first: HashMap<u64, u64>,
+    first: HashMap<u64, u64, BuildHasherDefault<Prehashed>>,
     in_database: bool,
     /// How many emails to make room for at the next load.
     expect: usize,
@@ -197,11 +231,29 @@ impl Default for SeenEmails {
     fn default() -> Self {
         SeenEmails {
             run: None,
-            first: HashMap::new(),
+            first: HashMap::default(),
             in_database: false,
             expect: 0,
             cap: EMAILS_IN_MEMORY,
         }
+    }
+}
+
+/// The keys of [`SeenEmails::first`] are hashes already.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("only u64 keys are hashed")
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 
@@ -250,6 +302,8 @@ impl Checkpoint {
                 tx.commit()?;
             }
         }
+        // The batch statements come in a few sizes each (see `sizes`).
+        conn.set_prepared_statement_cache_capacity(64);
         Ok(Checkpoint {
             conn,
             path: path.to_path_buf(),
@@ -402,12 +456,12 @@ impl Checkpoint {
     }
 
     pub fn begin(&self) -> anyhow::Result<()> {
-        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
         Ok(())
     }
 
     pub fn commit(&self) -> anyhow::Result<()> {
-        if let Err(e) = self.conn.execute_batch("COMMIT") {
+        if let Err(e) = self.conn.prepare_cached("COMMIT")?.execute([]) {
             // The index in memory may hold rows the database does not.
             self.seen.borrow_mut().run = None;
             return Err(e.into());
@@ -427,7 +481,7 @@ impl Checkpoint {
         if seen.run == Some(run) {
             return Ok(());
         }
-        seen.first = HashMap::new();
+        seen.first = HashMap::default();
         seen.in_database = self.conn.query_row(
             "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'index' AND name = 'rows_by_email'",
             [],
@@ -517,7 +571,7 @@ impl Checkpoint {
             );
             self.conn.execute_batch(EMAIL_INDEX)?;
             seen.in_database = true;
-            seen.first = HashMap::new();
+            seen.first = HashMap::default();
             return Ok(());
         }
         seen.first.entry(email_hash(email)).or_insert(line);
@@ -550,21 +604,113 @@ impl Checkpoint {
         email: &str,
         intent: Option<&'static str>,
     ) -> anyhow::Result<Option<u64>> {
-        if let Some(first) = self.first_line(run, email)?
-            && first != line
-        {
-            return Ok(Some(first));
+        Ok(self.plan_sending_all(run, &[(line, email, intent)])?[0])
+    }
+
+    /// Plans rows and marks them `sending`, like [`Checkpoint::plan_sending`]
+    /// for each, with one statement per [`BATCH_SIZES`] part. Returns, in the
+    /// same order, the first line with the same email for each duplicate
+    /// (an earlier row of the run or of `rows`): those are not recorded.
+    pub fn plan_sending_all(
+        &self,
+        run: i64,
+        rows: &[(u64, &str, Option<&'static str>)],
+    ) -> anyhow::Result<Vec<Option<u64>>> {
+        let mut firsts = Vec::with_capacity(rows.len());
+        let mut fresh: Vec<(u64, &str, Option<&'static str>)> = Vec::with_capacity(rows.len());
+        let mut in_rows: HashMap<&str, u64> = HashMap::new();
+        for &(line, email, intent) in rows {
+            let first = match in_rows.get(email) {
+                Some(&first) => Some(first),
+                None => self.first_line(run, email)?,
+            };
+            match first {
+                Some(first) if first == line => bail!(
+                    "line {line} of run {run} is in the checkpoint already; it cannot be planned again"
+                ),
+                Some(first) => firsts.push(Some(first)),
+                None => {
+                    in_rows.insert(email, line);
+                    fresh.push((line, email, intent));
+                    firsts.push(None);
+                }
+            }
         }
-        let mut insert = self.conn.prepare_cached(
-            "INSERT INTO rows (run_id, line, email, state, intent, attempts) VALUES (?1, ?2, ?3, 'sending', ?4, 1) ON CONFLICT DO NOTHING",
-        )?;
-        if insert.execute(params![run, line as i64, email, intent])? == 0 {
-            bail!(
-                "line {line} of run {run} is in the checkpoint already; it cannot be planned again"
-            );
+        let mut rest = &fresh[..];
+        for n in sizes(fresh.len()) {
+            let (part, more) = rest.split_at(n);
+            rest = more;
+            let mut st = self.conn.prepare_cached(&values_statement(
+                "INSERT INTO rows (run_id, line, email, intent, state, attempts) VALUES ",
+                "'sending', 1",
+                3,
+                n,
+                " ON CONFLICT DO NOTHING",
+            ))?;
+            st.raw_bind_parameter(1, run)?;
+            for (i, (line, email, intent)) in part.iter().enumerate() {
+                st.raw_bind_parameter(2 + 3 * i, *line as i64)?;
+                st.raw_bind_parameter(3 + 3 * i, *email)?;
+                st.raw_bind_parameter(4 + 3 * i, *intent)?;
+            }
+            if st.raw_execute()? != n {
+                bail!(
+                    "rows of run {run} near line {} are in the checkpoint already; they cannot be planned again",
+                    part[0].0
+                );
+            }
         }
-        self.note_first(email, line)?;
-        Ok(None)
+        for (line, email, _) in fresh {
+            self.note_first(email, line)?;
+        }
+        Ok(firsts)
+    }
+
+    /// Applies updates in order; runs of `Done` go in one statement per
+    /// [`BATCH_SIZES`] part.
+    pub fn apply_all(&self, run: i64, updates: &[RowUpdate]) -> anyhow::Result<()> {
+        let mut rest = updates;
+        while !rest.is_empty() {
+            let done = rest
+                .iter()
+                .take_while(|u| matches!(u, RowUpdate::Done { .. }))
+                .count();
+            if done == 0 {
+                self.apply(run, &rest[0])?;
+                rest = &rest[1..];
+                continue;
+            }
+            for n in sizes(done) {
+                let (part, more) = rest.split_at(n);
+                rest = more;
+                // An upsert, so one statement sets many rows by their keys;
+                // every row reported done was recorded before it was sent.
+                let mut st = self.conn.prepare_cached(&values_statement(
+                    "INSERT INTO rows (run_id, line, action, tester_id, state) VALUES ",
+                    "'done'",
+                    3,
+                    n,
+                    " ON CONFLICT (run_id, line) DO UPDATE SET state = 'done', action = excluded.action, \
+                     tester_id = excluded.tester_id, intent = NULL",
+                ))?;
+                st.raw_bind_parameter(1, run)?;
+                for (i, u) in part.iter().enumerate() {
+                    let RowUpdate::Done {
+                        line,
+                        action,
+                        tester_id,
+                    } = u
+                    else {
+                        unreachable!("a run of Done updates")
+                    };
+                    st.raw_bind_parameter(2 + 3 * i, *line as i64)?;
+                    st.raw_bind_parameter(3 + 3 * i, *action)?;
+                    st.raw_bind_parameter(4 + 3 * i, *tester_id as i64)?;
+                }
+                st.raw_execute()?;
+            }
+        }
+        Ok(())
     }
 
     pub fn apply(&self, run: i64, u: &RowUpdate) -> anyhow::Result<()> {
@@ -588,16 +734,7 @@ impl Checkpoint {
                 )?;
                 st.execute(params![run, *line as i64, intent])?;
             }
-            RowUpdate::Done {
-                line,
-                action,
-                tester_id,
-            } => {
-                let mut st = self.conn.prepare_cached(
-                    "UPDATE rows SET state = 'done', action = ?3, tester_id = ?4, intent = NULL WHERE run_id = ?1 AND line = ?2",
-                )?;
-                st.execute(params![run, *line as i64, action, *tester_id as i64])?;
-            }
+            RowUpdate::Done { .. } => self.apply_all(run, std::slice::from_ref(u))?,
             RowUpdate::Rejected {
                 line,
                 class,
@@ -712,6 +849,53 @@ mod tests {
         let other = run_in(&ck);
         assert_eq!(ck.plan_row(other, 2, "b@x.io").unwrap(), None);
         assert_eq!(ck.plan_row(run, 6, "a@x.io").unwrap(), Some(2));
+    }
+
+    #[test]
+    fn batches_go_in_parts_and_keep_their_order() {
+        assert_eq!(sizes(90), [64, 16, 4, 4, 1, 1]);
+        assert_eq!(sizes(0), Vec::<usize>::new());
+        let ck = Checkpoint::in_memory().unwrap();
+        let run = run_in(&ck);
+        let emails: Vec<String> = (0..90).map(|i| format!("{i}@x.io")).collect();
+        let mut plan: Vec<_> = (0..90)
+            .map(|i| (i as u64 + 2, emails[i].as_str(), Some("create")))
+            .collect();
+        // Line 50 repeats line 10's email: a duplicate within the batch.
+        plan[48].1 = "8@x.io";
+        let firsts = ck.plan_sending_all(run, &plan).unwrap();
+        assert_eq!(firsts[48], Some(10));
+        assert_eq!(firsts.iter().filter(|f| f.is_some()).count(), 1);
+        assert_eq!(ck.counts(run).unwrap().sending, 89);
+        // Done in runs, with a rejection between two of them.
+        let mut updates: Vec<RowUpdate> = plan
+            .iter()
+            .filter(|p| p.0 != 50)
+            .map(|p| RowUpdate::Done {
+                line: p.0,
+                action: "created",
+                tester_id: p.0 * 10,
+            })
+            .collect();
+        updates[30] = RowUpdate::Rejected {
+            line: 32,
+            class: "rejected_by_api",
+            http_status: Some(422),
+            message: "no".into(),
+            raw: None,
+        };
+        ck.apply_all(run, &updates).unwrap();
+        let c = ck.counts(run).unwrap();
+        assert_eq!((c.created, c.rejected, c.pending), (88, 1, 0));
+        let (id, intent): (i64, Option<String>) = ck
+            .conn()
+            .query_row(
+                "SELECT tester_id, intent FROM rows WHERE run_id = ?1 AND line = 91",
+                [run],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((id, intent), (910, None));
     }
 
     #[test]

@@ -1030,12 +1030,14 @@ async fn coordinate(
                     acks.push(ack);
                 }
                 ToCoordinator::Rows(updates) => {
-                    for u in updates {
-                        ck.apply(run, &u)?;
-                        if matches!(u, RowUpdate::Done { .. } | RowUpdate::Rejected { .. }) {
-                            done.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
+                    ck.apply_all(run, &updates)?;
+                    let finished = updates
+                        .iter()
+                        .filter(|u| {
+                            matches!(u, RowUpdate::Done { .. } | RowUpdate::Rejected { .. })
+                        })
+                        .count();
+                    done.fetch_add(finished as u64, Ordering::Relaxed);
                 }
             }
         }
@@ -1047,8 +1049,14 @@ async fn coordinate(
             }
             done.fetch_add(batch.invalid.len() as u64, Ordering::Relaxed);
             if rows.plan_too {
-                for job in batch.jobs {
-                    match ck.plan_sending(run, job.line, &job.email_key, job.durable)? {
+                let plan: Vec<_> = batch
+                    .jobs
+                    .iter()
+                    .map(|j| (j.line, j.email_key.as_str(), j.durable))
+                    .collect();
+                let firsts = ck.plan_sending_all(run, &plan)?;
+                for (job, first) in batch.jobs.into_iter().zip(firsts) {
+                    match first {
                         Some(first) => {
                             let message = duplicate_message(&job.email_key, first);
                             ck.apply(run, &validation_error(job.line, message, &job.raw))?;
