@@ -1023,24 +1023,25 @@ async fn coordinate(
 
         ck.begin()?;
         let mut acks = Vec::new();
+        // Every worker's reports in one go, so done rows share statements.
+        // Their order across workers does not matter: each row has one
+        // worker, and a row's intent is committed before its call.
+        let mut updates = Vec::new();
         for m in held.drain(..) {
             match m {
                 ToCoordinator::Intend(line, intent, ack) => {
                     ck.apply(run, &RowUpdate::Sending { line, intent })?;
                     acks.push(ack);
                 }
-                ToCoordinator::Rows(updates) => {
-                    ck.apply_all(run, &updates)?;
-                    let finished = updates
-                        .iter()
-                        .filter(|u| {
-                            matches!(u, RowUpdate::Done { .. } | RowUpdate::Rejected { .. })
-                        })
-                        .count();
-                    done.fetch_add(finished as u64, Ordering::Relaxed);
-                }
+                ToCoordinator::Rows(rows) => updates.extend(rows),
             }
         }
+        ck.apply_all(run, &updates)?;
+        let finished = updates
+            .iter()
+            .filter(|u| matches!(u, RowUpdate::Done { .. } | RowUpdate::Rejected { .. }))
+            .count();
+        done.fetch_add(finished as u64, Ordering::Relaxed);
         held_since = None;
         if want_rows {
             let batch = rows.next_batch(&ck, DISPATCH_BATCH)?;
