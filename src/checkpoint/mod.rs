@@ -183,12 +183,13 @@ const EMAIL_INDEX: &str =
 /// of these sizes, so a handful of statements serve every batch.
 pub const BATCH_SIZES: [usize; 4] = [64, 16, 4, 1];
 
-/// `n` split into [`BATCH_SIZES`] parts, largest first.
-fn sizes(mut n: usize) -> Vec<usize> {
+/// `n` split into [`BATCH_SIZES`] parts, largest first: (index in
+/// `BATCH_SIZES`, size) for each.
+fn sizes(mut n: usize) -> Vec<(usize, usize)> {
     let mut parts = Vec::new();
-    for size in BATCH_SIZES {
+    for (i, size) in BATCH_SIZES.into_iter().enumerate() {
         while n >= size {
-            parts.push(size);
+            parts.push((i, size));
             n -= size;
         }
     }
@@ -198,6 +199,7 @@ fn sizes(mut n: usize) -> Vec<usize> {
 /// `head` then `n` tuples `(?1, ?a, ?b, ?c, fixed)` with `per` numbered
 /// parameters each after the run's `?1`, then `tail`.
 fn values_statement(head: &str, fixed: &str, per: usize, n: usize, tail: &str) -> String {
+    use std::fmt::Write;
     let mut sql = String::from(head);
     for i in 0..n {
         if i > 0 {
@@ -205,12 +207,51 @@ fn values_statement(head: &str, fixed: &str, per: usize, n: usize, tail: &str) -
         }
         sql.push_str("(?1");
         for k in 0..per {
-            sql.push_str(&format!(", ?{}", 2 + per * i + k));
+            let _ = write!(sql, ", ?{}", 2 + per * i + k);
         }
-        sql.push_str(&format!(", {fixed})"));
+        let _ = write!(sql, ", {fixed})");
     }
     sql.push_str(tail);
     sql
+}
+
+/// The batch statements, one per size in [`BATCH_SIZES`].
+struct BatchSql {
+    plan_sending: Vec<String>,
+    done: Vec<String>,
+}
+
+fn batch_sql() -> &'static BatchSql {
+    static SQL: std::sync::OnceLock<BatchSql> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| BatchSql {
+        plan_sending: BATCH_SIZES
+            .iter()
+            .map(|&n| {
+                values_statement(
+                    "INSERT INTO rows (run_id, line, email, intent, state, attempts) VALUES ",
+                    "'sending', 1",
+                    3,
+                    n,
+                    " ON CONFLICT DO NOTHING",
+                )
+            })
+            .collect(),
+        // An upsert, so one statement sets many rows by their keys; every
+        // row reported done was recorded before it was sent.
+        done: BATCH_SIZES
+            .iter()
+            .map(|&n| {
+                values_statement(
+                    "INSERT INTO rows (run_id, line, action, tester_id, state) VALUES ",
+                    "'done'",
+                    3,
+                    n,
+                    " ON CONFLICT (run_id, line) DO UPDATE SET state = 'done', action = excluded.action, \
+                     tester_id = excluded.tester_id, intent = NULL",
+                )
+            })
+            .collect(),
+    })
 }
 
 /// The duplicate check's index for one run: the hash of each email the run
@@ -258,7 +299,7 @@ impl std::hash::Hasher for Prehashed {
 }
 
 fn email_hash(email: &str) -> u64 {
-    // Fixed keys: the same email hashes the same in every process.
+    // Nothing stored depends on it: the map is rebuilt at every load.
     BuildHasherDefault::<DefaultHasher>::default().hash_one(email)
 }
 
@@ -637,16 +678,10 @@ impl Checkpoint {
             }
         }
         let mut rest = &fresh[..];
-        for n in sizes(fresh.len()) {
+        for (size, n) in sizes(fresh.len()) {
             let (part, more) = rest.split_at(n);
             rest = more;
-            let mut st = self.conn.prepare_cached(&values_statement(
-                "INSERT INTO rows (run_id, line, email, intent, state, attempts) VALUES ",
-                "'sending', 1",
-                3,
-                n,
-                " ON CONFLICT DO NOTHING",
-            ))?;
+            let mut st = self.conn.prepare_cached(&batch_sql().plan_sending[size])?;
             st.raw_bind_parameter(1, run)?;
             for (i, (line, email, intent)) in part.iter().enumerate() {
                 st.raw_bind_parameter(2 + 3 * i, *line as i64)?;
@@ -680,19 +715,10 @@ impl Checkpoint {
                 rest = &rest[1..];
                 continue;
             }
-            for n in sizes(done) {
+            for (size, n) in sizes(done) {
                 let (part, more) = rest.split_at(n);
                 rest = more;
-                // An upsert, so one statement sets many rows by their keys;
-                // every row reported done was recorded before it was sent.
-                let mut st = self.conn.prepare_cached(&values_statement(
-                    "INSERT INTO rows (run_id, line, action, tester_id, state) VALUES ",
-                    "'done'",
-                    3,
-                    n,
-                    " ON CONFLICT (run_id, line) DO UPDATE SET state = 'done', action = excluded.action, \
-                     tester_id = excluded.tester_id, intent = NULL",
-                ))?;
+                let mut st = self.conn.prepare_cached(&batch_sql().done[size])?;
                 st.raw_bind_parameter(1, run)?;
                 for (i, u) in part.iter().enumerate() {
                     let RowUpdate::Done {
@@ -853,8 +879,9 @@ mod tests {
 
     #[test]
     fn batches_go_in_parts_and_keep_their_order() {
-        assert_eq!(sizes(90), [64, 16, 4, 4, 1, 1]);
-        assert_eq!(sizes(0), Vec::<usize>::new());
+        let parts: Vec<usize> = sizes(90).into_iter().map(|(_, n)| n).collect();
+        assert_eq!(parts, [64, 16, 4, 4, 1, 1]);
+        assert!(sizes(0).is_empty());
         let ck = Checkpoint::in_memory().unwrap();
         let run = run_in(&ck);
         let emails: Vec<String> = (0..90).map(|i| format!("{i}@x.io")).collect();
