@@ -845,6 +845,13 @@ impl Checkpoint {
 mod tests {
     use super::*;
 
+    /// A place for a checkpoint file that outlives one `Checkpoint`.
+    fn file() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ck.sqlite");
+        (dir, path)
+    }
+
     fn run_in(ck: &Checkpoint) -> i64 {
         ck.new_run("import", "in.csv", None, None, "1", "{}")
             .unwrap()
@@ -852,8 +859,7 @@ mod tests {
 
     #[test]
     fn duplicates_are_found_after_a_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ck.sqlite");
+        let (_dir, path) = file();
         let run = {
             let ck = Checkpoint::open(&path).unwrap();
             let run = run_in(&ck);
@@ -939,8 +945,7 @@ mod tests {
 
     #[test]
     fn past_the_memory_cap_the_database_keeps_the_index() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ck.sqlite");
+        let (_dir, path) = file();
         let ck = Checkpoint::open(&path).unwrap();
         ck.seen.borrow_mut().cap = 3;
         let run = run_in(&ck);
@@ -964,8 +969,7 @@ mod tests {
 
     #[test]
     fn a_run_resumed_past_the_cap_uses_the_database() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ck.sqlite");
+        let (_dir, path) = file();
         let run = {
             let ck = Checkpoint::open(&path).unwrap();
             let run = run_in(&ck);
@@ -982,8 +986,7 @@ mod tests {
 
     #[test]
     fn a_version_1_checkpoint_is_migrated_and_resumes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ck.sqlite");
+        let (_dir, path) = file();
         {
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(SCHEMA_V1).unwrap();
