@@ -528,27 +528,31 @@ impl Checkpoint {
             [],
             |r| r.get(0),
         )?;
+        if !seen.in_database && seen.expect > seen.cap {
+            self.conn.execute_batch(EMAIL_INDEX)?;
+            seen.in_database = true;
+        }
         if !seen.in_database {
-            let recorded: i64 = self.conn.query_row(
-                "SELECT count(*) FROM rows WHERE run_id = ?1 AND email IS NOT NULL",
-                [run],
-                |r| r.get(0),
+            let room = seen.expect;
+            seen.first.reserve(room);
+            let mut st = self.conn.prepare(
+                "SELECT line, email FROM rows WHERE run_id = ?1 AND email IS NOT NULL AND error_class IS NOT 'validation' ORDER BY line",
             )?;
-            let room = (recorded as usize).max(seen.expect);
-            if room > seen.cap {
-                self.conn.execute_batch(EMAIL_INDEX)?;
-                seen.in_database = true;
-            } else {
-                seen.first.reserve(room);
-                let mut st = self.conn.prepare(
-                    "SELECT line, email FROM rows WHERE run_id = ?1 AND email IS NOT NULL AND error_class IS NOT 'validation' ORDER BY line",
-                )?;
-                let mut rows = st.query([run])?;
-                while let Some(r) = rows.next()? {
-                    let email: String = r.get(1)?;
-                    let line = r.get::<_, i64>(0)? as u64;
-                    seen.first.entry(email_hash(&email)).or_insert(line);
+            let mut rows = st.query([run])?;
+            while let Some(r) = rows.next()? {
+                let email: String = r.get(1)?;
+                let line = r.get::<_, i64>(0)? as u64;
+                seen.first.entry(email_hash(&email)).or_insert(line);
+                if seen.first.len() > seen.cap {
+                    // A resumed run past the cap: the database takes over.
+                    seen.in_database = true;
+                    seen.first = HashMap::default();
+                    break;
                 }
+            }
+            drop(rows);
+            if seen.in_database {
+                self.conn.execute_batch(EMAIL_INDEX)?;
             }
         }
         seen.run = Some(run);

@@ -3,8 +3,8 @@
 //!
 //! A new run whose rows cannot set a status that emails people reads its
 //! input once: a quick count for the progress, then a single pass that
-//! checks each row, finds duplicates (through the checkpoint's email index,
-//! so memory stays flat), records it `sending` or `rejected`, and hands it
+//! checks each row, finds duplicates (through the checkpoint's duplicate
+//! check, in bounded memory), records it `sending` or `rejected`, and hands it
 //! to the workers. Otherwise (rows that may set `invited` must all be
 //! counted before anything is sent; a run stopped during its single pass)
 //! a planning pass records every row first, and the main pass reads the
@@ -1045,9 +1045,7 @@ async fn coordinate(
         held_since = None;
         if want_rows {
             let batch = rows.next_batch(&ck, DISPATCH_BATCH)?;
-            for u in &batch.invalid {
-                ck.apply(run, u)?;
-            }
+            ck.apply_all(run, &batch.invalid)?;
             done.fetch_add(batch.invalid.len() as u64, Ordering::Relaxed);
             if rows.plan_too {
                 let plan: Vec<_> = batch
