@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Benchmarks that print figures (not timed tests). Each throughput figure is
-# the median of RUNS runs (default 3); memory is peak RSS of one run.
-#   bench/run.sh            everything (about 10 minutes on 2 cores)
+# the median of RUNS runs (default 5); memory is peak RSS of one run.
+#   bench/run.sh            everything (about 15 minutes on 2 cores)
 #   bench/run.sh quick      the throughput figures only
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUNS=${RUNS:-3}
+RUNS=${RUNS:-5}
 cargo build --release --quiet --bin prefsync --example bench
 B=target/release/examples/bench
 P=target/release/prefsync
@@ -24,6 +24,16 @@ out=$(for i in $(seq "$RUNS"); do $B import 100000 8; done); echo "$out"
 echo "$out" | awk '/^import:/ {print $2}' | median | sed 's/^/median import rows\/s: /'
 echo "$out" | awk '/^bare-http:/ {print $2}' | median | sed 's/^/median bare requests\/s: /'
 echo "$out" | awk '/ratio/ {print $3}' | median | sed 's/^/median ratio: /'
+if command -v valgrind >/dev/null; then
+  # Instructions do not drift with the machine's speed as timings do (one
+  # pair's ratio ranges ±0.1 here), so they show small changes that the
+  # timed ratio cannot. Whole client process, setup included.
+  echo "== client instructions per row, 5,000 creates under callgrind (the sandbox runs natively)"
+  for half in import-only bare-only; do
+    n=$(valgrind --tool=callgrind --callgrind-out-file=/dev/null $B $half 5000 8 2>&1 | awk '/Collected/ {print $4}')
+    echo "$half: $((n / 5000)) instructions a row"
+  done
+fi
 echo "== the same creates through prefsync's client alone (limiter, retries, decoding the id; no CSV, no checkpoint)"
 out=$(for i in $(seq "$RUNS"); do $B client-only 100000 8; done); echo "$out"
 echo "$out" | awk '{print $2}' | median | sed 's/^/median client requests\/s: /'
