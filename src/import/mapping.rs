@@ -305,8 +305,8 @@ impl Mapping {
         if let Some(why) = email_problem(raw_email) {
             return Err(format!("the email {raw_email:?} is not valid: {why}"));
         }
-        let email = raw_email.to_string();
-        input.email = Some(email.clone());
+        let email_key = raw_email.to_lowercase();
+        input.email = Some(raw_email.to_string());
         let mut set = |target: &Target, header: &str, value: String| -> Result<(), String> {
             if value.is_empty() && self.empty == EmptyCells::Keep {
                 return Ok(());
@@ -383,10 +383,7 @@ impl Mapping {
             }
             set(&c.target, &c.header, value)?;
         }
-        Ok(MappedRow {
-            email_key: email.to_lowercase(),
-            input,
-        })
+        Ok(MappedRow { email_key, input })
     }
 }
 

@@ -1187,7 +1187,8 @@ async fn intend(ctx: &Ctx, job: &mut Job, intent: &'static str) -> bool {
 }
 
 async fn process(ctx: &Ctx, job: &mut Job) -> Outcome {
-    let email = job.input.email.clone().unwrap_or_default();
+    // Only the lookups need it: a create-only run does not copy it.
+    let email = || job.input.email.clone().unwrap_or_default();
     let existing = if job.was_sending {
         // The previous run may have created this user just before it died.
         // This run listed the project after that, so a listing answers as
@@ -1195,7 +1196,7 @@ async fn process(ctx: &Ctx, job: &mut Job) -> Outcome {
         let found = if ctx.resolve == Some(Resolve::List) {
             Ok(job.known.clone())
         } else {
-            lookup(ctx, &email).await
+            lookup(ctx, &email()).await
         };
         match found {
             Ok(Some(t)) if job.stopped_intent == Some("create") => {
@@ -1212,7 +1213,7 @@ async fn process(ctx: &Ctx, job: &mut Job) -> Outcome {
         match ctx.resolve {
             None => None,
             Some(Resolve::List) => job.known.clone(),
-            Some(Resolve::Lookup) => match lookup(ctx, &email).await {
+            Some(Resolve::Lookup) => match lookup(ctx, &email()).await {
                 Ok(t) => t,
                 Err(e) => return classify(job, e),
             },
@@ -1292,7 +1293,6 @@ async fn create(ctx: &Ctx, job: &mut Job) -> Outcome {
             tester_id: 0,
         });
     }
-    let email = job.input.email.clone().unwrap_or_default();
     for _ in 0..CREATE_TRIES {
         if ctx.stop.is_set() {
             return Outcome::Left;
@@ -1310,6 +1310,7 @@ async fn create(ctx: &Ctx, job: &mut Job) -> Outcome {
             }
             Err(ApiError::OutcomeUnknown { cause, .. }) => {
                 tracing::debug!(line = job.line, %cause, "create outcome unknown; looking the email up");
+                let email = job.input.email.clone().unwrap_or_default();
                 match lookup(ctx, &email).await {
                     Ok(Some(t)) => {
                         return Outcome::Row(RowUpdate::Done {
@@ -1328,6 +1329,7 @@ async fn create(ctx: &Ctx, job: &mut Job) -> Outcome {
                 ..
             }) if messages.mentions("taken") || messages.mentions("already exists") => {
                 // Someone else created it since it was resolved: update it.
+                let email = job.input.email.clone().unwrap_or_default();
                 match lookup(ctx, &email).await {
                     Ok(Some(t)) if ctx.mode != Mode::Create => {
                         if defaulted {
