@@ -154,10 +154,11 @@ pub fn open_peeked(source: &Source) -> anyhow::Result<(Vec<u8>, Stream)> {
 }
 
 /// One CSV record, decoded, with the line it starts on (1 is the header).
+/// Its cells share one buffer: a row is a few allocations, not one a cell.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
     pub line: u64,
-    pub fields: Vec<String>,
+    pub fields: csv::StringRecord,
 }
 
 /// A record that could not be read as text in the input's encoding.
@@ -290,33 +291,44 @@ impl CsvInput {
         }
         let start = self.raw.position().map_or(0, |p| p.byte());
         let line = self.newlines.line_at(start);
-        let mut fields = Vec::with_capacity(self.raw.len());
-        let mut bad = None;
-        for (i, f) in self.raw.iter().enumerate() {
-            match decode(self.format.encoding, f) {
-                Some(s) => fields.push(s),
-                None => {
-                    bad.get_or_insert(i);
-                    fields.push(String::from_utf8_lossy(f).into_owned());
+        let decoded = match self.format.encoding {
+            Encoding::Utf8 => csv::StringRecord::from_byte_record(self.raw.clone())
+                .map_err(|e| e.utf8_error().field()),
+            Encoding::Windows1252 => {
+                let mut r =
+                    csv::StringRecord::with_capacity(self.raw.as_slice().len(), self.raw.len());
+                for f in &self.raw {
+                    r.push_field(&encoding_rs::WINDOWS_1252.decode(f).0);
                 }
+                Ok(r)
             }
-        }
-        if let Some(col) = bad {
-            let name = self
-                .headers
-                .get(col)
-                .cloned()
-                .unwrap_or_else(|| format!("#{}", col + 1));
-            return Ok(Some(Err(BadRecord {
-                line,
-                message: format!(
-                    "column {name:?} (column {}) is not valid UTF-8; if the file came from Excel on Windows, re-run with --encoding windows-1252",
-                    col + 1
-                ),
-                fields,
-            })));
-        }
+        };
+        let fields = match decoded {
+            Ok(fields) => fields,
+            Err(col) => return Ok(Some(Err(self.bad_record(line, col)))),
+        };
         Ok(Some(Ok(Record { line, fields })))
+    }
+
+    /// The current record, with column `col` not text in the encoding.
+    fn bad_record(&self, line: u64, col: usize) -> BadRecord {
+        let name = self
+            .headers
+            .get(col)
+            .cloned()
+            .unwrap_or_else(|| format!("#{}", col + 1));
+        BadRecord {
+            line,
+            message: format!(
+                "column {name:?} (column {}) is not valid UTF-8; if the file came from Excel on Windows, re-run with --encoding windows-1252",
+                col + 1
+            ),
+            fields: self
+                .raw
+                .iter()
+                .map(|f| String::from_utf8_lossy(f).into_owned())
+                .collect(),
+        }
     }
 
     /// Reads the remaining records without decoding them: how many there

@@ -293,7 +293,7 @@ impl Mapping {
 
     /// Maps and checks one row. The error names the column and says what to
     /// do.
-    pub fn apply(&self, fields: &[String]) -> Result<MappedRow, String> {
+    pub fn apply(&self, fields: &csv::StringRecord) -> Result<MappedRow, String> {
         let mut input = TesterInput::default();
         let raw_email = fields
             .get(self.email_column)
@@ -551,6 +551,10 @@ mod tests {
         v.iter().map(|s| s.to_string()).collect()
     }
 
+    fn rec(v: &[&str]) -> csv::StringRecord {
+        csv::StringRecord::from(v.to_vec())
+    }
+
     #[test]
     fn headers_match_loosely_and_unmapped_are_listed() {
         let m = Mapping::build(
@@ -572,7 +576,7 @@ mod tests {
         assert_eq!(m.columns[3].target, Target::Response("101".into()));
         assert_eq!(m.unmapped, vec!["Favourite colour".to_string()]);
         let row = m
-            .apply(&h(&[" Ada@Example.com ", "Ada", "", "yes", "red", "7"]))
+            .apply(&rec(&[" Ada@Example.com ", "Ada", "", "yes", "red", "7"]))
             .unwrap();
         assert_eq!(row.email_key, "ada@example.com");
         assert_eq!(row.input.email.as_deref(), Some("Ada@Example.com"));
@@ -589,16 +593,20 @@ mod tests {
     #[test]
     fn validation_messages_name_the_problem() {
         let m = Mapping::build(&h(&["email", "status"]), None, EmptyCells::Keep).unwrap();
-        assert!(m.apply(&h(&["", "applied"])).unwrap_err().contains("empty"));
         assert!(
-            m.apply(&h(&["a b@x.io", ""]))
+            m.apply(&rec(&["", "applied"]))
+                .unwrap_err()
+                .contains("empty")
+        );
+        assert!(
+            m.apply(&rec(&["a b@x.io", ""]))
                 .unwrap_err()
                 .contains("space")
         );
-        assert!(m.apply(&h(&["ax.io", ""])).unwrap_err().contains("no @"));
-        assert!(m.apply(&h(&["a@x", ""])).unwrap_err().contains("domain"));
+        assert!(m.apply(&rec(&["ax.io", ""])).unwrap_err().contains("no @"));
+        assert!(m.apply(&rec(&["a@x", ""])).unwrap_err().contains("domain"));
         assert!(
-            m.apply(&h(&["a@x.io", "waiting"]))
+            m.apply(&rec(&["a@x.io", "waiting"]))
                 .unwrap_err()
                 .contains("unknown status \"waiting\"")
         );

@@ -213,7 +213,7 @@ struct Job {
     line: u64,
     email_key: String,
     input: TesterInput,
-    raw: Vec<String>,
+    raw: csv::StringRecord,
     /// The row was `sending` when the run stopped: look it up first.
     was_sending: bool,
     /// What the stopped run was about to send for it, if it got that far.
@@ -700,7 +700,10 @@ fn plan(
     while let Some(rec) = csv.next_record()? {
         totals.rows += 1;
         match rec {
-            Err(bad) => ck.apply(run, &validation_error(bad.line, bad.message, &bad.fields))?,
+            Err(bad) => ck.apply(
+                run,
+                &validation_error(bad.line, bad.message, bad.fields.iter().map(String::as_str)),
+            )?,
             Ok(r) => match mapping.apply(&r.fields) {
                 Err(msg) => ck.apply(run, &validation_error(r.line, msg, &r.fields))?,
                 Ok(row) => match ck.plan_row(run, r.line, &row.email_key)? {
@@ -841,8 +844,11 @@ impl RowSource {
                 Ok(r) => r,
                 Err(bad) => {
                     if self.plan_too {
-                        b.invalid
-                            .push(validation_error(bad.line, bad.message, &bad.fields));
+                        b.invalid.push(validation_error(
+                            bad.line,
+                            bad.message,
+                            bad.fields.iter().map(String::as_str),
+                        ));
                     }
                     continue;
                 }
@@ -880,14 +886,24 @@ impl RowSource {
 }
 
 /// A row refused before any call.
-fn validation_error(line: u64, message: String, fields: &[String]) -> RowUpdate {
+fn validation_error<'a>(
+    line: u64,
+    message: String,
+    cells: impl IntoIterator<Item = &'a str>,
+) -> RowUpdate {
     RowUpdate::Rejected {
         line,
         class: "validation",
         http_status: None,
         message,
-        raw: Some(serde_json::to_string(fields).unwrap()),
+        raw: Some(cells_json(cells)),
     }
+}
+
+/// A row's original cells as the checkpoint keeps them for the report (a
+/// JSON array of strings).
+fn cells_json<'a>(cells: impl IntoIterator<Item = &'a str>) -> String {
+    serde_json::to_string(&cells.into_iter().collect::<Vec<_>>()).unwrap()
 }
 
 fn duplicate_message(email: &str, first: u64) -> String {
@@ -1132,7 +1148,7 @@ fn rejected(job: &Job, class: &'static str, status: Option<u16>, message: String
         class,
         http_status: status,
         message,
-        raw: Some(serde_json::to_string(&job.raw).unwrap()),
+        raw: Some(cells_json(&job.raw)),
     })
 }
 
