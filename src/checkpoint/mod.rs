@@ -559,14 +559,15 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// The first line of this run recorded with `email`, if any.
-    fn first_line(&self, run: i64, email: &str) -> anyhow::Result<Option<u64>> {
+    /// The first line of this run recorded with `email` (whose
+    /// [`email_hash`] is `hash`), if any.
+    fn first_line(&self, run: i64, email: &str, hash: u64) -> anyhow::Result<Option<u64>> {
         self.load_seen(run)?;
         let seen = self.seen.borrow();
         if seen.in_database {
             return self.first_line_in_rows(run, email, true);
         }
-        let Some(&line) = seen.first.get(&email_hash(email)) else {
+        let Some(&line) = seen.first.get(&hash) else {
             return Ok(None);
         };
         let mut at = self.conn.prepare_cached(
@@ -602,9 +603,9 @@ impl Checkpoint {
         Ok(l.map(|l| l as u64))
     }
 
-    /// Records `line` as the first with `email` (after its insert). Past
-    /// the memory's cap, the database takes over the index.
-    fn note_first(&self, email: &str, line: u64) -> anyhow::Result<()> {
+    /// Records `line` as the first with the email hashed `hash` (after its
+    /// insert). Past the memory's cap, the database takes over the index.
+    fn note_first(&self, hash: u64, line: u64) -> anyhow::Result<()> {
         let mut seen = self.seen.borrow_mut();
         if seen.in_database {
             return Ok(());
@@ -619,14 +620,15 @@ impl Checkpoint {
             seen.first = HashMap::default();
             return Ok(());
         }
-        seen.first.entry(email_hash(email)).or_insert(line);
+        seen.first.entry(hash).or_insert(line);
         Ok(())
     }
 
     /// Plans one row. Returns the first line with the same email when the
     /// email was seen before in this run.
     pub fn plan_row(&self, run: i64, line: u64, email: &str) -> anyhow::Result<Option<u64>> {
-        if let Some(first) = self.first_line(run, email)? {
+        let hash = email_hash(email);
+        if let Some(first) = self.first_line(run, email, hash)? {
             // The same line: planned already (a resumed planning pass).
             return Ok((first != line).then_some(first));
         }
@@ -634,7 +636,7 @@ impl Checkpoint {
             "INSERT INTO rows (run_id, line, email, state) VALUES (?1, ?2, ?3, 'pending') ON CONFLICT DO NOTHING",
         )?;
         insert.execute(params![run, line as i64, email])?;
-        self.note_first(email, line)?;
+        self.note_first(hash, line)?;
         Ok(None)
     }
 
@@ -664,10 +666,13 @@ impl Checkpoint {
         let mut firsts = Vec::with_capacity(rows.len());
         let mut fresh: Vec<(u64, &str, Option<&'static str>)> = Vec::with_capacity(rows.len());
         let mut in_rows: HashMap<&str, u64> = HashMap::new();
+        // Each email is hashed once, for the check and for noting it.
+        let mut hashes = Vec::with_capacity(rows.len());
         for &(line, email, intent) in rows {
+            let hash = email_hash(email);
             let first = match in_rows.get(email) {
                 Some(&first) => Some(first),
-                None => self.first_line(run, email)?,
+                None => self.first_line(run, email, hash)?,
             };
             match first {
                 Some(first) if first == line => bail!(
@@ -677,6 +682,7 @@ impl Checkpoint {
                 None => {
                     in_rows.insert(email, line);
                     fresh.push((line, email, intent));
+                    hashes.push(hash);
                     firsts.push(None);
                 }
             }
@@ -699,8 +705,8 @@ impl Checkpoint {
                 );
             }
         }
-        for (line, email, _) in fresh {
-            self.note_first(email, line)?;
+        for ((line, _, _), hash) in fresh.into_iter().zip(hashes) {
+            self.note_first(hash, line)?;
         }
         Ok(firsts)
     }

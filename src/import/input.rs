@@ -166,7 +166,8 @@ pub struct Record {
 pub struct BadRecord {
     pub line: u64,
     pub message: String,
-    pub fields: Vec<String>,
+    /// The cells, decoded lossily (as the report shows them).
+    pub fields: csv::StringRecord,
 }
 
 pub struct CsvInput {
@@ -323,11 +324,7 @@ impl CsvInput {
                 "column {name:?} (column {}) is not valid UTF-8; if the file came from Excel on Windows, re-run with --encoding windows-1252",
                 col + 1
             ),
-            fields: self
-                .raw
-                .iter()
-                .map(|f| String::from_utf8_lossy(f).into_owned())
-                .collect(),
+            fields: self.raw.iter().map(String::from_utf8_lossy).collect(),
         }
     }
 

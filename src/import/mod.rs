@@ -700,10 +700,7 @@ fn plan(
     while let Some(rec) = csv.next_record()? {
         totals.rows += 1;
         match rec {
-            Err(bad) => ck.apply(
-                run,
-                &validation_error(bad.line, bad.message, bad.fields.iter().map(String::as_str)),
-            )?,
+            Err(bad) => ck.apply(run, &validation_error(bad.line, bad.message, &bad.fields))?,
             Ok(r) => match mapping.apply(&r.fields) {
                 Err(msg) => ck.apply(run, &validation_error(r.line, msg, &r.fields))?,
                 Ok(row) => match ck.plan_row(run, r.line, &row.email_key)? {
@@ -844,11 +841,8 @@ impl RowSource {
                 Ok(r) => r,
                 Err(bad) => {
                     if self.plan_too {
-                        b.invalid.push(validation_error(
-                            bad.line,
-                            bad.message,
-                            bad.fields.iter().map(String::as_str),
-                        ));
+                        b.invalid
+                            .push(validation_error(bad.line, bad.message, &bad.fields));
                     }
                     continue;
                 }
@@ -886,11 +880,7 @@ impl RowSource {
 }
 
 /// A row refused before any call.
-fn validation_error<'a>(
-    line: u64,
-    message: String,
-    cells: impl IntoIterator<Item = &'a str>,
-) -> RowUpdate {
+fn validation_error(line: u64, message: String, cells: &csv::StringRecord) -> RowUpdate {
     RowUpdate::Rejected {
         line,
         class: "validation",
@@ -902,8 +892,8 @@ fn validation_error<'a>(
 
 /// A row's original cells as the checkpoint keeps them for the report (a
 /// JSON array of strings).
-fn cells_json<'a>(cells: impl IntoIterator<Item = &'a str>) -> String {
-    serde_json::to_string(&cells.into_iter().collect::<Vec<_>>()).unwrap()
+fn cells_json(cells: &csv::StringRecord) -> String {
+    serde_json::to_string(&cells.iter().collect::<Vec<_>>()).unwrap()
 }
 
 fn duplicate_message(email: &str, first: u64) -> String {
@@ -1173,6 +1163,11 @@ fn classify(job: &Job, e: ApiError) -> Outcome {
     }
 }
 
+/// The row's email as the file has it (trimmed), for a lookup.
+fn email_of(job: &Job) -> &str {
+    job.input.email.as_deref().unwrap_or_default()
+}
+
 async fn lookup(ctx: &Ctx, email: &str) -> Result<Option<Value>, ApiError> {
     let t: Option<Tester> = ctx.client.find_tester(&ctx.beta, email).await?;
     Ok(t.map(|t| serde_json::to_value(t).unwrap()))
@@ -1203,8 +1198,6 @@ async fn intend(ctx: &Ctx, job: &mut Job, intent: &'static str) -> bool {
 }
 
 async fn process(ctx: &Ctx, job: &mut Job) -> Outcome {
-    // Only the lookups need it: a create-only run does not copy it.
-    let email = || job.input.email.clone().unwrap_or_default();
     let existing = if job.was_sending {
         // The previous run may have created this user just before it died.
         // This run listed the project after that, so a listing answers as
@@ -1212,7 +1205,7 @@ async fn process(ctx: &Ctx, job: &mut Job) -> Outcome {
         let found = if ctx.resolve == Some(Resolve::List) {
             Ok(job.known.clone())
         } else {
-            lookup(ctx, &email()).await
+            lookup(ctx, email_of(job)).await
         };
         match found {
             Ok(Some(t)) if job.stopped_intent == Some("create") => {
@@ -1229,7 +1222,7 @@ async fn process(ctx: &Ctx, job: &mut Job) -> Outcome {
         match ctx.resolve {
             None => None,
             Some(Resolve::List) => job.known.clone(),
-            Some(Resolve::Lookup) => match lookup(ctx, &email()).await {
+            Some(Resolve::Lookup) => match lookup(ctx, email_of(job)).await {
                 Ok(t) => t,
                 Err(e) => return classify(job, e),
             },
@@ -1326,8 +1319,7 @@ async fn create(ctx: &Ctx, job: &mut Job) -> Outcome {
             }
             Err(ApiError::OutcomeUnknown { cause, .. }) => {
                 tracing::debug!(line = job.line, %cause, "create outcome unknown; looking the email up");
-                let email = job.input.email.clone().unwrap_or_default();
-                match lookup(ctx, &email).await {
+                match lookup(ctx, email_of(job)).await {
                     Ok(Some(t)) => {
                         return Outcome::Row(RowUpdate::Done {
                             line: job.line,
@@ -1345,8 +1337,7 @@ async fn create(ctx: &Ctx, job: &mut Job) -> Outcome {
                 ..
             }) if messages.mentions("taken") || messages.mentions("already exists") => {
                 // Someone else created it since it was resolved: update it.
-                let email = job.input.email.clone().unwrap_or_default();
-                match lookup(ctx, &email).await {
+                match lookup(ctx, email_of(job)).await {
                     Ok(Some(t)) if ctx.mode != Mode::Create => {
                         if defaulted {
                             job.input.status = None;
