@@ -4,7 +4,9 @@
 //!
 //! Guarantees: a row is `sending` on disk before its create is sent, so a
 //! crash at any moment leaves at most the rows in flight in doubt, and those
-//! are looked up before anything is retried. The schema carries a version
+//! are looked up before anything is retried. A call that succeeded appends
+//! the row's outcome to `outcomes` (schema version 3); the row itself is
+//! not rewritten, and a row with an outcome is done. The schema carries a version
 //! (`meta.schema_version`) and is migrated forward on open.
 //!
 //! The duplicate check (one row per email in a run) is an index in memory:
@@ -25,7 +27,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use rusqlite::{Connection, OptionalExtension, params};
 
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -73,6 +75,25 @@ CREATE TABLE IF NOT EXISTS known_testers (
 /// documentation); its unique index goes. A prefsync that knows only
 /// version 1 relies on that index, and refuses a version 2 checkpoint.
 const MIGRATE_V2: &str = "DROP INDEX IF EXISTS rows_email;";
+
+/// Version 3: a row's call that succeeded is appended to `outcomes`, a
+/// narrow table, instead of rewriting the row: the row keeps the state it
+/// had when it was sent (`sending`), and an outcome overrides it. Rows done
+/// under version 2 keep `state = 'done'` and their action in `rows`; every
+/// reader takes both.
+const MIGRATE_V3: &str = "
+CREATE TABLE IF NOT EXISTS outcomes (
+    run_id INTEGER NOT NULL,
+    line INTEGER NOT NULL,
+    action TEXT NOT NULL,        -- created, updated, unchanged
+    tester_id INTEGER NOT NULL,
+    PRIMARY KEY (run_id, line)
+) WITHOUT ROWID;
+";
+
+/// A row of `rows` with no outcome (the table's alias must be `rows`).
+const NO_OUTCOME: &str =
+    "NOT EXISTS (SELECT 1 FROM outcomes o WHERE o.run_id = rows.run_id AND o.line = rows.line)";
 
 pub fn now_secs() -> i64 {
     SystemTime::now()
@@ -197,7 +218,8 @@ fn sizes(mut n: usize) -> Vec<(usize, usize)> {
 }
 
 /// `head` then `n` tuples `(?1, ?a, ?b, ?c, fixed)` with `per` numbered
-/// parameters each after the run's `?1`, then `tail`.
+/// parameters each after the run's `?1`, then `tail`. An empty `fixed`
+/// adds no value.
 fn values_statement(head: &str, fixed: &str, per: usize, n: usize, tail: &str) -> String {
     use std::fmt::Write;
     let mut sql = String::from(head);
@@ -209,7 +231,10 @@ fn values_statement(head: &str, fixed: &str, per: usize, n: usize, tail: &str) -
         for k in 0..per {
             let _ = write!(sql, ", ?{}", 2 + per * i + k);
         }
-        let _ = write!(sql, ", {fixed})");
+        if !fixed.is_empty() {
+            let _ = write!(sql, ", {fixed}");
+        }
+        sql.push(')');
     }
     sql.push_str(tail);
     sql
@@ -236,18 +261,18 @@ fn batch_sql() -> &'static BatchSql {
                 )
             })
             .collect(),
-        // An upsert, so one statement sets many rows by their keys; every
-        // row reported done was recorded before it was sent.
+        // Appended, mostly in line order, to a narrow table: a third of
+        // the work of rewriting the row in place (see `MIGRATE_V3`). Every
+        // row reported done was recorded `sending` before it was sent.
         done: BATCH_SIZES
             .iter()
             .map(|&n| {
                 values_statement(
-                    "INSERT INTO rows (run_id, line, action, tester_id, state) VALUES ",
-                    "'done'",
+                    "INSERT OR REPLACE INTO outcomes (run_id, line, action, tester_id) VALUES ",
+                    "",
                     3,
                     n,
-                    " ON CONFLICT (run_id, line) DO UPDATE SET state = 'done', action = excluded.action, \
-                     tester_id = excluded.tester_id, intent = NULL",
+                    "",
                 )
             })
             .collect(),
@@ -330,7 +355,7 @@ impl Checkpoint {
             );
         }
         // One step at a time, each in its own transaction.
-        let steps: [(i64, &str); 2] = [(1, SCHEMA_V1), (2, MIGRATE_V2)];
+        let steps: [(i64, &str); 3] = [(1, SCHEMA_V1), (2, MIGRATE_V2), (3, MIGRATE_V3)];
         for (to, sql) in steps {
             if version < to {
                 let tx = conn.unchecked_transaction()?;
@@ -752,16 +777,16 @@ impl Checkpoint {
     pub fn apply(&self, run: i64, u: &RowUpdate) -> anyhow::Result<()> {
         match u {
             RowUpdate::Dispatched { from, to, intent } => {
-                let mut st = self.conn.prepare_cached(
+                let mut st = self.conn.prepare_cached(&format!(
                     "UPDATE rows SET state = 'sending', attempts = attempts + 1, intent = COALESCE(intent, ?4) \
-                     WHERE run_id = ?1 AND line BETWEEN ?2 AND ?3 AND state IN ('pending', 'sending')",
-                )?;
+                     WHERE run_id = ?1 AND line BETWEEN ?2 AND ?3 AND state IN ('pending', 'sending') AND {NO_OUTCOME}"
+                ))?;
                 st.execute(params![run, *from as i64, *to as i64, intent])?;
             }
             RowUpdate::Pending { line } => {
-                let mut st = self.conn.prepare_cached(
-                    "UPDATE rows SET state = 'pending', intent = NULL WHERE run_id = ?1 AND line = ?2 AND state = 'sending'",
-                )?;
+                let mut st = self.conn.prepare_cached(&format!(
+                    "UPDATE rows SET state = 'pending', intent = NULL WHERE run_id = ?1 AND line = ?2 AND state = 'sending' AND {NO_OUTCOME}"
+                ))?;
                 st.execute(params![run, *line as i64])?;
             }
             RowUpdate::Sending { line, intent } => {
@@ -786,6 +811,12 @@ impl Checkpoint {
                        message = excluded.message, raw = COALESCE(excluded.raw, rows.raw), intent = NULL",
                 )?;
                 st.execute(params![run, *line as i64, class, http_status, message, raw])?;
+                // A row has one final state (no path rejects a row it saw
+                // done; this keeps the counts right if one ever did).
+                let mut st = self
+                    .conn
+                    .prepare_cached("DELETE FROM outcomes WHERE run_id = ?1 AND line = ?2")?;
+                st.execute(params![run, *line as i64])?;
             }
         }
         Ok(())
@@ -799,9 +830,9 @@ impl Checkpoint {
         after_line: u64,
         limit: usize,
     ) -> anyhow::Result<Vec<(u64, bool, Option<String>)>> {
-        let mut st = self.conn.prepare_cached(
-            "SELECT line, state = 'sending', intent FROM rows WHERE run_id = ?1 AND line > ?2 AND state IN ('pending', 'sending') ORDER BY line LIMIT ?3",
-        )?;
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT line, state = 'sending', intent FROM rows WHERE run_id = ?1 AND line > ?2 AND state IN ('pending', 'sending') AND {NO_OUTCOME} ORDER BY line LIMIT ?3"
+        ))?;
         let v = st
             .query_map(params![run, after_line as i64, limit as i64], |r| {
                 Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
@@ -810,28 +841,50 @@ impl Checkpoint {
         Ok(v)
     }
 
+    /// The run's rows by state. Tallied here rather than by a `GROUP BY`,
+    /// which sorts every row: this is a plain scan of each table.
     pub fn counts(&self, run: i64) -> anyhow::Result<Counts> {
-        let mut c = Counts::default();
-        let mut st = self.conn.prepare(
-            "SELECT COALESCE(action, state), count(*) FROM rows WHERE run_id = ?1 GROUP BY 1",
-        )?;
-        let rows = st.query_map([run], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-        })?;
-        for r in rows {
-            let (k, n) = r?;
-            match k.as_str() {
-                "created" => c.created = n,
-                "updated" => c.updated = n,
-                "unchanged" => c.unchanged = n,
-                "rejected" => c.rejected = n,
+        fn tally(c: &mut Counts, key: &str) {
+            match key {
+                "created" => c.created += 1,
+                "updated" => c.updated += 1,
+                "unchanged" => c.unchanged += 1,
+                "rejected" => c.rejected += 1,
                 "sending" => {
-                    c.sending = n;
-                    c.pending += n;
+                    c.sending += 1;
+                    c.pending += 1;
                 }
-                _ => c.pending += n,
+                _ => c.pending += 1,
             }
         }
+        let mut c = Counts::default();
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT COALESCE(action, state) FROM rows WHERE run_id = ?1")?;
+        let mut rows = st.query([run])?;
+        while let Some(r) = rows.next()? {
+            tally(&mut c, r.get_ref(0)?.as_str()?);
+        }
+        // A row with an outcome is still `sending` in `rows` (the outcome
+        // is appended, and the row is left as it was when it was sent).
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT action FROM outcomes WHERE run_id = ?1")?;
+        let mut rows = st.query([run])?;
+        let mut outcomes = 0;
+        while let Some(r) = rows.next()? {
+            tally(&mut c, r.get_ref(0)?.as_str()?);
+            outcomes += 1;
+        }
+        if outcomes > c.sending {
+            bail!(
+                "the checkpoint {} is inconsistent: run {run} has {outcomes} outcomes for {} rows in flight",
+                self.path.display(),
+                c.sending
+            );
+        }
+        c.sending -= outcomes;
+        c.pending -= outcomes;
         Ok(c)
     }
 
@@ -933,12 +986,12 @@ mod tests {
         let (id, intent): (i64, Option<String>) = ck
             .conn()
             .query_row(
-                "SELECT tester_id, intent FROM rows WHERE run_id = ?1 AND line = 91",
+                "SELECT tester_id, action FROM outcomes WHERE run_id = ?1 AND line = 91",
                 [run],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .unwrap();
-        assert_eq!((id, intent), (910, None));
+        assert_eq!((id, intent.as_deref()), (910, Some("created")));
     }
 
     #[test]
@@ -995,6 +1048,139 @@ mod tests {
     }
 
     #[test]
+    fn a_row_with_an_outcome_is_neither_open_nor_dispatched_again() {
+        let ck = Checkpoint::in_memory().unwrap();
+        let run = run_in(&ck);
+        for line in 2..6 {
+            ck.plan_row(run, line, &format!("{line}@x.io")).unwrap();
+        }
+        ck.apply(
+            run,
+            &RowUpdate::Dispatched {
+                from: 2,
+                to: 5,
+                intent: Some("create"),
+            },
+        )
+        .unwrap();
+        ck.apply_all(
+            run,
+            &[
+                RowUpdate::Done {
+                    line: 3,
+                    action: "created",
+                    tester_id: 30,
+                },
+                RowUpdate::Done {
+                    line: 4,
+                    action: "updated",
+                    tester_id: 40,
+                },
+            ],
+        )
+        .unwrap();
+        // A stopped run's rows go back to pending; the done ones stay done.
+        for line in 2..6 {
+            ck.apply(run, &RowUpdate::Pending { line }).unwrap();
+        }
+        let open: Vec<u64> = ck
+            .open_rows(run, 0, 10)
+            .unwrap()
+            .iter()
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(open, [2, 5]);
+        let c = ck.counts(run).unwrap();
+        assert_eq!(
+            (c.created, c.updated, c.pending, c.sending, c.total()),
+            (1, 1, 2, 0, 4)
+        );
+        // Dispatched again over the whole range: only the open rows move.
+        ck.apply(
+            run,
+            &RowUpdate::Dispatched {
+                from: 2,
+                to: 5,
+                intent: None,
+            },
+        )
+        .unwrap();
+        let attempts: Vec<i64> = ck
+            .conn()
+            .prepare("SELECT attempts FROM rows WHERE run_id = ?1 ORDER BY line")
+            .unwrap()
+            .query_map([run], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(attempts, [2, 1, 1, 2]);
+        let c = ck.counts(run).unwrap();
+        assert_eq!((c.pending, c.sending), (2, 2));
+        // A rejection is final, whatever came before it.
+        ck.apply(
+            run,
+            &RowUpdate::Rejected {
+                line: 4,
+                class: "rejected_by_api",
+                http_status: Some(422),
+                message: "no".into(),
+                raw: None,
+            },
+        )
+        .unwrap();
+        let c = ck.counts(run).unwrap();
+        assert_eq!((c.created, c.updated, c.rejected, c.total()), (1, 0, 1, 4));
+    }
+
+    #[test]
+    fn a_version_2_checkpoint_keeps_its_done_rows() {
+        let (_dir, path) = file();
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.execute_batch(MIGRATE_V2).unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.execute_batch(
+                "INSERT INTO runs (id, kind, input_path, beta, options, state, started_at, updated_at)
+                 VALUES (1, 'import', 'in.csv', '1', '{}', 'stopped', 0, 0);
+                 INSERT INTO rows (run_id, line, email, state, action, tester_id)
+                   VALUES (1, 2, 'a@x.io', 'done', 'created', 20);
+                 INSERT INTO rows (run_id, line, email, state, intent) VALUES (1, 3, 'b@x.io', 'sending', 'create');",
+            )
+            .unwrap();
+        }
+        let ck = Checkpoint::open(&path).unwrap();
+        let c = ck.counts(1).unwrap();
+        assert_eq!((c.created, c.pending, c.sending), (1, 1, 1));
+        let open: Vec<u64> = ck
+            .open_rows(1, 0, 10)
+            .unwrap()
+            .iter()
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(open, [3]);
+        ck.apply_all(
+            1,
+            &[RowUpdate::Done {
+                line: 3,
+                action: "created",
+                tester_id: 30,
+            }],
+        )
+        .unwrap();
+        let c = ck.counts(1).unwrap();
+        assert_eq!((c.created, c.pending, c.sending), (2, 0, 0));
+        assert!(ck.open_rows(1, 0, 10).unwrap().is_empty());
+        // The results report reads both kinds of done row.
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("results.csv");
+        crate::import::report::write_results(&ck, 1, &out).unwrap();
+        let text = std::fs::read_to_string(&out).unwrap();
+        assert!(text.contains("2,a@x.io,created,20,"), "{text}");
+        assert!(text.contains("3,b@x.io,created,30,"), "{text}");
+    }
+
+    #[test]
     fn a_version_1_checkpoint_is_migrated_and_resumes() {
         let (_dir, path) = file();
         {
@@ -1013,7 +1199,7 @@ mod tests {
             .conn()
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, SCHEMA_VERSION);
         let index: Option<String> = ck
             .conn()
             .query_row(

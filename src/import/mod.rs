@@ -20,7 +20,7 @@
 
 pub mod input;
 pub mod mapping;
-mod report;
+pub(crate) mod report;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -86,7 +86,9 @@ pub fn write_results(ck: &Checkpoint, run: i64, path: &Path) -> anyhow::Result<(
         "message",
     ])?;
     let mut st = ck.conn().prepare(
-        "SELECT line, email, COALESCE(action, state), tester_id, error_class, message FROM rows WHERE run_id = ?1 ORDER BY line",
+        "SELECT rows.line, email, COALESCE(o.action, rows.action, state), COALESCE(o.tester_id, rows.tester_id), error_class, message \
+         FROM rows LEFT JOIN outcomes o ON o.run_id = rows.run_id AND o.line = rows.line \
+         WHERE rows.run_id = ?1 ORDER BY rows.line",
     )?;
     let rows = st.query_map(params![run], |r| {
         Ok((
