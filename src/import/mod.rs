@@ -323,7 +323,18 @@ pub async fn import(
         );
     }
     drop(csv);
-    let (size, hash) = input::fingerprint(path)?;
+    // The fingerprint and the record count (a single pass's total) each
+    // read the whole file before the first call: side by side, on two
+    // cores. The count is kept for a single pass, and its error only then.
+    let (fingerprint, records) = std::thread::scope(|s| {
+        let counting =
+            s.spawn(|| CsvInput::open(&source, opts.encoding, delimiter)?.count_records());
+        let fingerprint = input::fingerprint(path);
+        (fingerprint, counting.join())
+    });
+    let (size, hash) = fingerprint?;
+    let records =
+        records.unwrap_or_else(|_| Err(anyhow::anyhow!("counting the input's records panicked")));
 
     // The checkpoint: a temporary one for a dry run, which writes nothing.
     let _dry_dir;
@@ -383,7 +394,7 @@ pub async fn import(
         !planned && ck.counts(run)?.total() == 0 && (opts.allow_emails || !mapping.sets_status());
     let total_rows = if single_pass {
         ck.set_state(run, "running")?;
-        let records = CsvInput::open(&source, opts.encoding, delimiter)?.count_records()?;
+        let records = records?;
         ck.expect_emails(records);
         records
     } else {
