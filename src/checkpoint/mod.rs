@@ -6,8 +6,8 @@
 //! crash at any moment leaves at most the rows in flight in doubt, and those
 //! are looked up before anything is retried. A call that succeeded appends
 //! the row's outcome to `outcomes` (schema version 3); the row itself is
-//! not rewritten, and a row with an outcome is done. The schema carries a version
-//! (`meta.schema_version`) and is migrated forward on open.
+//! not rewritten, and a row with an outcome is done. The schema carries a
+//! version (`meta.schema_version`) and is migrated forward on open.
 //!
 //! The duplicate check (one row per email in a run) is an index in memory:
 //! 64-bit hashes of the emails with their first lines, rebuilt from the
@@ -261,7 +261,7 @@ fn batch_sql() -> &'static BatchSql {
                 )
             })
             .collect(),
-        // Appended, mostly in line order, to a narrow table: a third of
+        // Appended, mostly in line order, to a narrow table: less than half
         // the work of rewriting the row in place (see `MIGRATE_V3`). Every
         // row reported done was recorded `sending` before it was sent.
         done: BATCH_SIZES
