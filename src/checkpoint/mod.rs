@@ -690,13 +690,19 @@ impl Checkpoint {
     ) -> anyhow::Result<Vec<Option<u64>>> {
         let mut firsts = Vec::with_capacity(rows.len());
         let mut fresh: Vec<(u64, &str, Option<&'static str>)> = Vec::with_capacity(rows.len());
-        let mut in_rows: HashMap<&str, u64> = HashMap::new();
-        // Each email is hashed once, for the check and for noting it.
-        let mut hashes = Vec::with_capacity(rows.len());
+        // Each email is hashed once, for the check within the batch, the
+        // check against the run, and noting it. The batch's own emails are
+        // found by their hashes (a few dozen compares), then compared whole.
+        let mut hashes: Vec<u64> = Vec::with_capacity(rows.len());
         for &(line, email, intent) in rows {
             let hash = email_hash(email);
-            let first = match in_rows.get(email) {
-                Some(&first) => Some(first),
+            let in_batch = hashes
+                .iter()
+                .zip(&fresh)
+                .find(|(h, f)| **h == hash && f.1 == email)
+                .map(|(_, f)| f.0);
+            let first = match in_batch {
+                Some(first) => Some(first),
                 None => self.first_line(run, email, hash)?,
             };
             match first {
@@ -705,7 +711,6 @@ impl Checkpoint {
                 ),
                 Some(first) => firsts.push(Some(first)),
                 None => {
-                    in_rows.insert(email, line);
                     fresh.push((line, email, intent));
                     hashes.push(hash);
                     firsts.push(None);

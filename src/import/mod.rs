@@ -777,7 +777,7 @@ async fn list_project(
             ) else {
                 continue;
             };
-            ck.store_known(run, &email.to_lowercase(), id, &t.to_string())?;
+            ck.store_known(run, &mapping::email_key(email), id, &t.to_string())?;
             n += 1;
         }
         ck.commit()?;
