@@ -91,9 +91,13 @@ CREATE TABLE IF NOT EXISTS outcomes (
 ) WITHOUT ROWID;
 ";
 
-/// A row of `rows` with no outcome (the table's alias must be `rows`).
-const NO_OUTCOME: &str =
-    "NOT EXISTS (SELECT 1 FROM outcomes o WHERE o.run_id = rows.run_id AND o.line = rows.line)";
+/// A row of `rows` with no outcome (the table's alias must be `rows`). A
+/// macro, so statements take it in with `concat!`, once, at compile time.
+macro_rules! no_outcome {
+    () => {
+        "NOT EXISTS (SELECT 1 FROM outcomes o WHERE o.run_id = rows.run_id AND o.line = rows.line)"
+    };
+}
 
 pub fn now_secs() -> i64 {
     SystemTime::now()
@@ -782,15 +786,17 @@ impl Checkpoint {
     pub fn apply(&self, run: i64, u: &RowUpdate) -> anyhow::Result<()> {
         match u {
             RowUpdate::Dispatched { from, to, intent } => {
-                let mut st = self.conn.prepare_cached(&format!(
+                let mut st = self.conn.prepare_cached(concat!(
                     "UPDATE rows SET state = 'sending', attempts = attempts + 1, intent = COALESCE(intent, ?4) \
-                     WHERE run_id = ?1 AND line BETWEEN ?2 AND ?3 AND state IN ('pending', 'sending') AND {NO_OUTCOME}"
+                     WHERE run_id = ?1 AND line BETWEEN ?2 AND ?3 AND state IN ('pending', 'sending') AND ",
+                    no_outcome!()
                 ))?;
                 st.execute(params![run, *from as i64, *to as i64, intent])?;
             }
             RowUpdate::Pending { line } => {
-                let mut st = self.conn.prepare_cached(&format!(
-                    "UPDATE rows SET state = 'pending', intent = NULL WHERE run_id = ?1 AND line = ?2 AND state = 'sending' AND {NO_OUTCOME}"
+                let mut st = self.conn.prepare_cached(concat!(
+                    "UPDATE rows SET state = 'pending', intent = NULL WHERE run_id = ?1 AND line = ?2 AND state = 'sending' AND ",
+                    no_outcome!()
                 ))?;
                 st.execute(params![run, *line as i64])?;
             }
@@ -835,8 +841,10 @@ impl Checkpoint {
         after_line: u64,
         limit: usize,
     ) -> anyhow::Result<Vec<(u64, bool, Option<String>)>> {
-        let mut st = self.conn.prepare_cached(&format!(
-            "SELECT line, state = 'sending', intent FROM rows WHERE run_id = ?1 AND line > ?2 AND state IN ('pending', 'sending') AND {NO_OUTCOME} ORDER BY line LIMIT ?3"
+        let mut st = self.conn.prepare_cached(concat!(
+            "SELECT line, state = 'sending', intent FROM rows WHERE run_id = ?1 AND line > ?2 AND state IN ('pending', 'sending') AND ",
+            no_outcome!(),
+            " ORDER BY line LIMIT ?3"
         ))?;
         let v = st
             .query_map(params![run, after_line as i64, limit as i64], |r| {
@@ -988,7 +996,7 @@ mod tests {
         ck.apply_all(run, &updates).unwrap();
         let c = ck.counts(run).unwrap();
         assert_eq!((c.created, c.rejected, c.pending), (88, 1, 0));
-        let (id, intent): (i64, Option<String>) = ck
+        let (id, action): (i64, Option<String>) = ck
             .conn()
             .query_row(
                 "SELECT tester_id, action FROM outcomes WHERE run_id = ?1 AND line = 91",
@@ -996,7 +1004,7 @@ mod tests {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .unwrap();
-        assert_eq!((id, intent.as_deref()), (910, Some("created")));
+        assert_eq!((id, action.as_deref()), (910, Some("created")));
     }
 
     #[test]

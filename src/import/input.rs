@@ -253,7 +253,8 @@ impl CsvInput {
             .iter()
             .map(|f| {
                 decode(format.encoding, f)
-                    .unwrap_or_else(|| String::from_utf8_lossy(f).into_owned())
+                    .unwrap_or_else(|| String::from_utf8_lossy(f))
+                    .into_owned()
             })
             .collect();
         if let Some(first) = headers.first_mut()
@@ -299,7 +300,7 @@ impl CsvInput {
                 let mut r =
                     csv::StringRecord::with_capacity(self.raw.as_slice().len(), self.raw.len());
                 for f in &self.raw {
-                    r.push_field(&encoding_rs::WINDOWS_1252.decode(f).0);
+                    r.push_field(&decode(Encoding::Windows1252, f).unwrap_or_default());
                 }
                 Ok(r)
             }
@@ -346,13 +347,12 @@ impl CsvInput {
     }
 }
 
-fn decode(enc: Encoding, bytes: &[u8]) -> Option<String> {
+/// A cell as text in the encoding, borrowed where it can be; `None` when it
+/// is not text in that encoding (every byte string is Windows-1252).
+fn decode(enc: Encoding, bytes: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
     match enc {
-        Encoding::Utf8 => std::str::from_utf8(bytes).ok().map(str::to_string),
-        Encoding::Windows1252 => {
-            let (s, _, _) = encoding_rs::WINDOWS_1252.decode(bytes);
-            Some(s.into_owned())
-        }
+        Encoding::Utf8 => std::str::from_utf8(bytes).ok().map(Into::into),
+        Encoding::Windows1252 => Some(encoding_rs::WINDOWS_1252.decode(bytes).0),
     }
 }
 

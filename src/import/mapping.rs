@@ -394,7 +394,6 @@ pub struct MappedRow {
     pub input: TesterInput,
 }
 
-/// Why an email is not well formed, if it is not.
 /// The email as the run compares it: lower-cased (an ASCII email, nearly
 /// every one, the cheap way; the result is the same).
 pub fn email_key(email: &str) -> String {
@@ -405,6 +404,7 @@ pub fn email_key(email: &str) -> String {
     }
 }
 
+/// Why an email is not well formed, if it is not.
 pub fn email_problem(e: &str) -> Option<&'static str> {
     if e.chars().any(char::is_whitespace) {
         return Some("it contains a space");

@@ -323,18 +323,23 @@ pub async fn import(
         );
     }
     drop(csv);
-    // The fingerprint and the record count (a single pass's total) each
-    // read the whole file before the first call: side by side, on two
-    // cores. The count is kept for a single pass, and its error only then.
+    // The fingerprint and, when the run may be a single pass, its total
+    // (the record count) each read the whole file before the first call:
+    // side by side, on two cores. The count's error counts only in a
+    // single pass, which uses it.
+    let may_single_pass = opts.allow_emails || !mapping.sets_status();
     let (fingerprint, records) = std::thread::scope(|s| {
-        let counting =
-            s.spawn(|| CsvInput::open(&source, opts.encoding, delimiter)?.count_records());
+        let counting = may_single_pass.then(|| {
+            s.spawn(|| CsvInput::open(&source, opts.encoding, delimiter)?.count_records())
+        });
         let fingerprint = input::fingerprint(path);
-        (fingerprint, counting.join())
+        let records = counting.map(|c| {
+            c.join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("counting the input's records panicked")))
+        });
+        (fingerprint, records)
     });
     let (size, hash) = fingerprint?;
-    let records =
-        records.unwrap_or_else(|_| Err(anyhow::anyhow!("counting the input's records panicked")));
 
     // The checkpoint: a temporary one for a dry run, which writes nothing.
     let _dry_dir;
@@ -390,11 +395,10 @@ pub async fn import(
     // each row and hands it out, so planning overlaps the calls. Otherwise,
     // and to finish the planning of a run stopped during its single pass,
     // every row is planned before the first call.
-    let single_pass =
-        !planned && ck.counts(run)?.total() == 0 && (opts.allow_emails || !mapping.sets_status());
+    let single_pass = !planned && ck.counts(run)?.total() == 0 && may_single_pass;
     let total_rows = if single_pass {
         ck.set_state(run, "running")?;
-        let records = records?;
+        let records = records.expect("counted, as a single pass was possible")?;
         ck.expect_emails(records);
         records
     } else {
