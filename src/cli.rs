@@ -230,6 +230,10 @@ pub struct ImportArgs {
     /// How to tell existing users from new ones (default: the cheaper in API calls).
     #[arg(long, value_enum)]
     pub resolve: Option<Resolve>,
+    /// In the rejected-rows report, put a ' before cells that start with =, +, -, @, tab or CR
+    /// (Excel would run them as formulas). Off by default: the report is fed back in as it is.
+    #[arg(long)]
+    pub excel_safe: bool,
 }
 
 fn parse_delimiter(s: &str) -> Result<char, String> {

@@ -9,11 +9,17 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 
 pub struct AtomicFile {
-    tmp: tempfile::NamedTempFile,
+    file: File,
+    tmp: PathBuf,
     path: PathBuf,
+    committed: bool,
 }
 
 impl AtomicFile {
+    /// Starts `path`'s temporary file, `.NAME.partial` beside it, created
+    /// `0600` (reports hold people's data). Its name is fixed, so a run
+    /// killed while writing leaves at most one behind, and the next write
+    /// of the same output replaces it.
     pub fn create(path: &Path) -> anyhow::Result<AtomicFile> {
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -25,14 +31,19 @@ impl AtomicFile {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".partial")
-            .tempfile_in(&dir)
-            .with_context(|| format!("failed to create a temporary file in {}", dir.display()))?;
+        let tmp = dir.join(format!(".{name}.partial"));
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options
+            .open(&tmp)
+            .with_context(|| format!("failed to create {}", tmp.display()))?;
         Ok(AtomicFile {
+            file,
             tmp,
             path: path.to_path_buf(),
+            committed: false,
         })
     }
 
@@ -40,21 +51,138 @@ impl AtomicFile {
     pub fn writer(&self) -> BufWriter<File> {
         BufWriter::with_capacity(
             256 * 1024,
-            self.tmp
-                .as_file()
-                .try_clone()
-                .expect("a file handle clones"),
+            self.file.try_clone().expect("a file handle clones"),
         )
     }
 
     /// Flushes to disk and renames into place.
-    pub fn commit(self) -> anyhow::Result<()> {
-        let mut f = self.tmp.as_file();
-        f.flush()?;
-        f.sync_all()?;
-        self.tmp.persist(&self.path).map_err(|e| {
-            anyhow::anyhow!("failed to rename into {}: {}", self.path.display(), e.error)
-        })?;
+    pub fn commit(mut self) -> anyhow::Result<()> {
+        self.file.flush()?;
+        self.file.sync_all()?;
+        std::fs::rename(&self.tmp, &self.path)
+            .map_err(|e| anyhow::anyhow!("failed to rename into {}: {e}", self.path.display()))?;
+        self.committed = true;
         Ok(())
+    }
+}
+
+impl Drop for AtomicFile {
+    /// A file given up (an error before the commit) leaves nothing behind.
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Refuses, before any work, output paths that would destroy something:
+/// an output that is the input (`--errors in.csv` on `in.csv`), two outputs
+/// that are one file, an output that is a directory, or one whose
+/// directory does not exist. Each refusal names the flags and the path.
+pub fn check_outputs(input: Option<&Path>, outputs: &[(&str, &Path)]) -> anyhow::Result<()> {
+    let input = input.map(identity);
+    let mut seen: Vec<(&str, PathBuf)> = Vec::new();
+    for (flag, path) in outputs {
+        if path.is_dir() {
+            return Err(crate::exit::usage(format!(
+                "{flag} {} is a directory; give a file path",
+                path.display()
+            )));
+        }
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(crate::exit::usage(format!(
+                "{flag} {}: the directory {} does not exist; create it first or choose another path",
+                path.display(),
+                dir.display()
+            )));
+        }
+        let id = identity(path);
+        if input.as_ref() == Some(&id) {
+            return Err(crate::exit::usage(format!(
+                "{flag} {} is the input file: it would be overwritten; choose another path",
+                path.display()
+            )));
+        }
+        if let Some((other, _)) = seen.iter().find(|(_, p)| *p == id) {
+            return Err(crate::exit::usage(format!(
+                "{flag} and {other} are the same file ({}): one would overwrite the other; choose another path",
+                path.display()
+            )));
+        }
+        seen.push((flag, id));
+    }
+    Ok(())
+}
+
+/// A path as one file is known by, whether or not it exists yet: its
+/// directory resolved (symbolic links, `..`) and its name.
+fn identity(path: &Path) -> PathBuf {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return p;
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    match path.file_name() {
+        Some(n) => dir.join(n),
+        None => dir,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_that_would_destroy_something_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.csv");
+        std::fs::write(&input, "email\n").unwrap();
+        let other = dir.path().join("out.csv");
+        let relative_input = dir.path().join("sub/../in.csv");
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let refuse = |outputs: &[(&str, &Path)]| {
+            let e = check_outputs(Some(&input), outputs).unwrap_err();
+            assert_eq!(crate::exit::exit_for(&e).code(), 2, "{e:#}");
+            e.to_string()
+        };
+        assert!(refuse(&[("--errors", &input)]).contains("is the input file"));
+        assert!(refuse(&[("--errors", &relative_input)]).contains("is the input file"));
+        assert!(
+            refuse(&[("--errors", &other), ("--results", &other)])
+                .contains("--results and --errors are the same file")
+        );
+        assert!(refuse(&[("--results", dir.path())]).contains("is a directory"));
+        assert!(
+            refuse(&[("--checkpoint", &dir.path().join("missing/ck.sqlite"))])
+                .contains("does not exist")
+        );
+        // A file whose writer was killed (never dropped) is replaced by the
+        // next write of the same output, leaving nothing behind.
+        let report = dir.path().join("errors.csv");
+        std::mem::forget(AtomicFile::create(&report).unwrap());
+        let f = AtomicFile::create(&report).unwrap();
+        std::io::Write::write_all(&mut f.writer(), b"x").unwrap();
+        f.commit().unwrap();
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("errors"))
+            .collect();
+        assert_eq!(names, ["errors.csv"]);
+        check_outputs(
+            Some(&input),
+            &[
+                ("--errors", &other),
+                ("--results", &dir.path().join("r.csv")),
+            ],
+        )
+        .unwrap();
     }
 }

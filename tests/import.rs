@@ -440,3 +440,195 @@ async fn faults_and_throttling_end_with_exactly_the_right_users() {
         "{stats:#}"
     );
 }
+
+// Defects found when the import was tried as a new user would (issue 14).
+// Each test failed before its fix.
+
+#[tokio::test]
+async fn an_unbalanced_quote_refuses_the_file_before_any_call() {
+    let f = Fixture::new(SandboxConfig::default()).await;
+    let never_closes = f.file(
+        "open.csv",
+        b"email,first_name\na@x.io,A\nb@x.io,B\nc@x.io,C\nbad@x.org,\"Unclosed,Row\nd@x.io,D\ne@x.io,E\n",
+    );
+    let e = f.run(&f.opts(&never_closes)).await.unwrap_err();
+    assert_eq!(prefsync::exit::exit_for(&e).code(), 2, "{e:#}");
+    let msg = e.to_string();
+    assert!(msg.contains("open.csv") && msg.contains("line 5"), "{msg}");
+    assert!(f.users().is_empty(), "nothing may be sent");
+    // Closed lines later, then more text: the records between were swallowed.
+    let swallows = f.file(
+        "swallow.csv",
+        b"email,first_name\nbad@x.org,\"Unclosed,Row\nd@x.io,D\ne@x.io,\"E\"x\n",
+    );
+    let e = f.run(&f.opts(&swallows)).await.unwrap_err();
+    assert!(e.to_string().contains("line 2"), "{e}");
+    assert!(f.users().is_empty());
+    // A real multi-line cell is still fine.
+    let fine = f.file("fine.csv", b"email,first_name\na@x.io,\"Two\nlines\"\n");
+    assert_eq!(f.run(&f.opts(&fine)).await.unwrap().created, 1);
+}
+
+#[tokio::test]
+async fn one_bad_utf8_byte_rejects_its_row_and_keeps_the_file_utf8() {
+    let f = Fixture::new(SandboxConfig::default()).await;
+    let mut bytes = b"email,first_name\n".to_vec();
+    for i in 0..5 {
+        bytes.extend(format!("zoe{i}@x.io,Zoë\n").as_bytes());
+    }
+    bytes.extend(b"bad@x.io,X\xC3\x28Y\n");
+    let s = f.run(&f.opts(&f.file("mixed.csv", &bytes))).await.unwrap();
+    assert_eq!((s.created, s.rejected), (5, 1));
+    assert_eq!(f.user("zoe3@x.io")["profile"]["first_name"], "Zoë");
+    let errors = f.csv("errors.csv");
+    assert_eq!(errors[1][2], "7");
+    assert!(
+        errors[1][5].contains("\"first_name\" (column 2)") && errors[1][5].contains("UTF-8"),
+        "{:?}",
+        errors[1]
+    );
+}
+
+#[tokio::test]
+async fn lone_cr_line_ends_are_lines() {
+    let f = Fixture::new(SandboxConfig::default()).await;
+    let cr = f.file("cr.csv", b"email,first_name\rcr1@x.io,A\rcr2@x.io,B\r");
+    let s = f.run(&f.opts(&cr)).await.unwrap();
+    assert_eq!((s.created, s.rejected), (2, 0));
+    // One stray CR in an LF file.
+    let stray = f.file(
+        "stray.csv",
+        b"email,first_name\ns1@x.io,A\rs2@x.io,B\ns3@x.io,C\n",
+    );
+    let s = f.run(&f.opts(&stray)).await.unwrap();
+    assert_eq!((s.created, s.rejected), (3, 0));
+    let lines: Vec<String> = f.csv("results.csv")[1..]
+        .iter()
+        .map(|r| r[0].clone())
+        .collect();
+    assert_eq!(lines, ["2", "3", "4"]);
+}
+
+#[tokio::test]
+async fn ragged_rows_and_nul_bytes_are_rejected_naming_the_line() {
+    let f = Fixture::new(SandboxConfig::default()).await;
+    let input = f.file(
+        "ragged.csv",
+        b"email,first_name,last_name\nok@x.io,O,K\nmore@x.io,M,O,extra cell\nfew@x.io,F\nnul@x.io,N\x00L,L\nok2@x.io,O,K\n",
+    );
+    let s = f.run(&f.opts(&input)).await.unwrap();
+    assert_eq!((s.created, s.rejected), (2, 3));
+    let errors = f.csv("errors.csv");
+    let by_line = |l: &str| errors.iter().find(|r| r[3] == l).unwrap()[6].clone();
+    assert!(
+        by_line("3").contains("4 fields and the header has 3"),
+        "{}",
+        by_line("3")
+    );
+    assert!(
+        by_line("3").contains("\"extra cell\""),
+        "the extra cell is kept"
+    );
+    assert!(by_line("4").contains("2 fields"));
+    assert!(by_line("5").contains("NUL") && by_line("5").contains("first_name"));
+}
+
+#[tokio::test]
+async fn a_resume_with_other_settings_is_refused_naming_them() {
+    let f = Fixture::new(SandboxConfig::default()).await;
+    let input = f.file("in.csv", b"email,Name\na@x.io,Ann\nb@x.io,Bob\n");
+    let m1 = f.file("m1.toml", b"[columns]\n\"Name\" = \"first_name\"\n");
+    let m2 = f.file("m2.toml", b"[columns]\n\"Name\" = \"last_name\"\n");
+    // A run stopped before its end.
+    let mut o = f.opts(&input);
+    o.map = Some(m1.clone());
+    let stop = Stop::default();
+    stop.trigger();
+    let s = import(
+        &common::unlimited_client(&f.sandbox),
+        &o,
+        stop,
+        Arc::new(Silent),
+    )
+    .await
+    .unwrap();
+    assert!(s.stopped);
+    // Resumed with another map and another status.
+    let mut o2 = f.opts(&input);
+    o2.map = Some(m2.clone());
+    o2.default_status = "applied".into();
+    let e = f.run(&o2).await.unwrap_err();
+    assert_eq!(prefsync::exit::exit_for(&e).code(), 2, "{e:#}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("--map was") && msg.contains("m1.toml"),
+        "{msg}"
+    );
+    assert!(msg.contains("--status was imported, now applied"), "{msg}");
+    assert!(msg.contains("--fresh"), "{msg}");
+    // The same map edited in place differs too.
+    std::fs::write(&m1, b"[columns]\n\"Name\" = \"employer\"\n").unwrap();
+    let e = f.run(&o).await.unwrap_err();
+    assert!(e.to_string().contains("--map was"), "{e}");
+    std::fs::write(&m1, b"[columns]\n\"Name\" = \"first_name\"\n").unwrap();
+    // The same settings resume; --fresh starts over with the new ones.
+    assert_eq!(f.run(&o).await.unwrap().created, 2);
+    assert_eq!(f.user("a@x.io")["profile"]["first_name"], "Ann");
+}
+
+#[tokio::test]
+async fn outputs_that_are_the_input_or_each_other_are_refused_up_front() {
+    let f = Fixture::new(SandboxConfig::default()).await;
+    let input = f.file("in.csv", b"email\na@x.io\n");
+    let before = std::fs::read(&input).unwrap();
+    let mut o = f.opts(&input);
+    o.errors = Some(input.clone());
+    let e = f.run(&o).await.unwrap_err();
+    assert_eq!(prefsync::exit::exit_for(&e).code(), 2);
+    assert!(e.to_string().contains("--errors"), "{e}");
+    let mut o = f.opts(&input);
+    o.checkpoint = input.clone();
+    assert_eq!(
+        prefsync::exit::exit_for(&f.run(&o).await.unwrap_err()).code(),
+        2
+    );
+    let mut o = f.opts(&input);
+    o.results = Some(f.dir.path().to_path_buf());
+    assert_eq!(
+        prefsync::exit::exit_for(&f.run(&o).await.unwrap_err()).code(),
+        2
+    );
+    let mut o = f.opts(&input);
+    o.checkpoint = f.dir.path().join("missing/ck.sqlite");
+    assert_eq!(
+        prefsync::exit::exit_for(&f.run(&o).await.unwrap_err()).code(),
+        2
+    );
+    // A directory as the input.
+    let o = f.opts(f.dir.path());
+    assert_eq!(
+        prefsync::exit::exit_for(&f.run(&o).await.unwrap_err()).code(),
+        2
+    );
+    assert_eq!(std::fs::read(&input).unwrap(), before);
+    assert!(f.users().is_empty());
+}
+
+#[tokio::test]
+async fn the_errors_report_can_neutralise_formulas_and_leaves_no_partial_file() {
+    let f = Fixture::new(SandboxConfig::default()).await;
+    let input = f.file(
+        "in.csv",
+        b"email,first_name\nnot-an-email,=HYPERLINK(\"x\")\n",
+    );
+    let mut o = f.opts(&input);
+    o.excel_safe = true;
+    f.run(&o).await.unwrap();
+    assert_eq!(f.csv("errors.csv")[1][1], "'=HYPERLINK(\"x\")");
+    let leftovers: Vec<_> = std::fs::read_dir(f.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -20,6 +20,7 @@ pub fn options(a: &ImportArgs, beta: &str) -> ImportOptions {
     o.dry_run = a.dry_run;
     o.errors = a.errors.clone();
     o.results = a.results.clone();
+    o.summary_json = a.summary_json.clone();
     o.fresh = a.fresh;
     o.max_duration = a.max_duration;
     o.encoding = a.encoding;
@@ -28,6 +29,7 @@ pub fn options(a: &ImportArgs, beta: &str) -> ImportOptions {
     o.empty = a.empty;
     o.allow_emails = a.allow_emails;
     o.resolve = a.resolve;
+    o.excel_safe = a.excel_safe;
     o
 }
 

@@ -36,6 +36,9 @@ impl std::str::FromStr for Encoding {
 pub enum Source {
     File(PathBuf),
     Stdin,
+    /// Standard input, copied to this file so that it can be read twice;
+    /// named "standard input" in messages.
+    Spooled(PathBuf),
 }
 
 impl Source {
@@ -50,7 +53,15 @@ impl Source {
     pub fn display(&self) -> String {
         match self {
             Source::File(p) => p.display().to_string(),
-            Source::Stdin => "<stdin>".into(),
+            Source::Stdin | Source::Spooled(_) => "standard input".into(),
+        }
+    }
+
+    /// The file to read, once standard input is spooled.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Source::File(p) | Source::Spooled(p) => Some(p),
+            Source::Stdin => None,
         }
     }
 }
@@ -78,12 +89,7 @@ pub fn sniff(
     let bom = head.starts_with(&[0xEF, 0xBB, 0xBF]);
     let encoding = encoding.unwrap_or_else(|| {
         let body = if bom { &head[3..] } else { head };
-        match std::str::from_utf8(body) {
-            Ok(_) => Encoding::Utf8,
-            // Cut in the middle of a character at the end of the sample.
-            Err(e) if e.error_len().is_none() => Encoding::Utf8,
-            Err(_) => Encoding::Windows1252,
-        }
+        guess_encoding(body)
     });
     let delimiter = delimiter.unwrap_or_else(|| {
         let mut counts = [0usize; 3];
@@ -106,6 +112,30 @@ pub fn sniff(
         delimiter,
         bom,
     })
+}
+
+/// UTF-8 unless the bytes look like Windows-1252 text. One bad sequence
+/// in a file that is otherwise UTF-8 (`Zo\xC3\xAB` on many rows, `\xC3\x28`
+/// on one) must not turn every `ë` into `Ã«`: the file stays UTF-8 and the
+/// row holding the bad bytes is rejected, naming its line and column.
+/// Windows-1252 text almost never forms valid multi-byte UTF-8 sequences,
+/// so it is chosen only when invalid sequences outnumber valid ones.
+fn guess_encoding(body: &[u8]) -> Encoding {
+    let (mut valid, mut invalid) = (0usize, 0usize);
+    let mut chunks = body.utf8_chunks().peekable();
+    while let Some(chunk) = chunks.next() {
+        valid += chunk.valid().chars().filter(|c| !c.is_ascii()).count();
+        // A sequence cut at the end of the sample is not an error.
+        let cut = chunks.peek().is_none() && chunk.invalid().len() < 4;
+        if !chunk.invalid().is_empty() && !cut {
+            invalid += 1;
+        }
+    }
+    if invalid > valid {
+        Encoding::Windows1252
+    } else {
+        Encoding::Utf8
+    }
 }
 
 /// Reads the first bytes for sniffing, then gives them back in front of
@@ -132,11 +162,8 @@ type Stream = Peeked<Box<dyn Read + Send>>;
 
 pub fn open_peeked(source: &Source) -> anyhow::Result<(Vec<u8>, Stream)> {
     let mut rest: Box<dyn Read + Send> = match source {
-        Source::File(p) => Box::new(BufReader::with_capacity(
-            256 * 1024,
-            File::open(p)
-                .map_err(|e| usage(format!("failed to open the input {}: {e}", p.display())))?,
-        )),
+        Source::File(p) => Box::new(BufReader::with_capacity(256 * 1024, open_input(p)?)),
+        Source::Spooled(p) => Box::new(BufReader::with_capacity(256 * 1024, File::open(p)?)),
         Source::Stdin => Box::new(io::stdin()),
     };
     let mut head = Vec::with_capacity(SNIFF_BYTES);
@@ -177,6 +204,9 @@ pub struct CsvInput {
     reader: csv::Reader<Counting<Stream>>,
     raw: csv::ByteRecord,
     newlines: NewlineIndex,
+    /// The line of the last record: lines only grow, whatever the line
+    /// ends, so no two records ever share one in the checkpoint.
+    last_line: u64,
 }
 
 /// Byte offsets of the newlines read but not yet passed, to turn a record's
@@ -201,10 +231,15 @@ impl NewlineIndex {
     }
 }
 
+/// Notes where lines end as the CSV reader reads: at LF, at CRLF (its LF)
+/// and at a lone CR (old Mac files, a stray CR), as the reader's records do.
 struct Counting<R> {
     inner: R,
     offset: u64,
     index: NewlineIndex,
+    /// A CR at this offset ended the last read: a line end unless an LF
+    /// follows.
+    pending_cr: Option<u64>,
 }
 
 impl<R: Read> Read for Counting<R> {
@@ -212,9 +247,28 @@ impl<R: Read> Read for Counting<R> {
         let n = self.inner.read(buf)?;
         let mut g = self.index.inner.lock().unwrap();
         for (i, b) in buf[..n].iter().enumerate() {
-            if *b == b'\n' {
-                g.0.push_back(self.offset + i as u64);
+            let at = self.offset + i as u64;
+            match *b {
+                b'\n' => {
+                    self.pending_cr = None;
+                    g.0.push_back(at);
+                }
+                b'\r' => {
+                    if let Some(cr) = self.pending_cr.replace(at) {
+                        g.0.push_back(cr);
+                    }
+                }
+                _ => {
+                    if let Some(cr) = self.pending_cr.take() {
+                        g.0.push_back(cr);
+                    }
+                }
             }
+        }
+        if n == 0
+            && let Some(cr) = self.pending_cr.take()
+        {
+            g.0.push_back(cr);
         }
         self.offset += n as u64;
         Ok(n)
@@ -234,6 +288,7 @@ impl CsvInput {
             inner: stream,
             offset: 0,
             index: newlines.clone(),
+            pending_cr: None,
         };
         let mut reader = csv::ReaderBuilder::new()
             .delimiter(format.delimiter)
@@ -275,6 +330,7 @@ impl CsvInput {
             reader,
             raw: csv::ByteRecord::new(),
             newlines,
+            last_line: 1,
         })
     }
 
@@ -292,7 +348,37 @@ impl CsvInput {
             return Ok(None);
         }
         let start = self.raw.position().map_or(0, |p| p.byte());
-        let line = self.newlines.line_at(start);
+        let line = self.newlines.line_at(start).max(self.last_line + 1);
+        self.last_line = line;
+        if self.raw.len() != self.headers.len() {
+            // The report keeps the header's columns: cells past them are
+            // quoted here so that nothing of the row is lost.
+            let extra: Vec<String> = self
+                .raw
+                .iter()
+                .skip(self.headers.len())
+                .map(|f| format!("{:?}", String::from_utf8_lossy(f)))
+                .collect();
+            let message = format!(
+                "the row has {} fields and the header has {}{}: a delimiter too many or too few, or a quote out of place; \
+                 fix the row (nothing of it was sent)",
+                self.raw.len(),
+                self.headers.len(),
+                if extra.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (past the header: {})", extra.join(", "))
+                }
+            );
+            return Ok(Some(Err(self.bad(line, message))));
+        }
+        if let Some(col) = self.raw.iter().position(|f| f.contains(&0)) {
+            let message = format!(
+                "{} holds a NUL byte (\\0), which no field may hold; remove it (the file may not be text)",
+                self.column_name(col)
+            );
+            return Ok(Some(Err(self.bad(line, message))));
+        }
         let decoded = match self.format.encoding {
             Encoding::Utf8 => csv::StringRecord::from_byte_record(self.raw.clone())
                 .map_err(|e| e.utf8_error().field()),
@@ -314,18 +400,27 @@ impl CsvInput {
 
     /// The current record, with column `col` not text in the encoding.
     fn bad_record(&self, line: u64, col: usize) -> BadRecord {
-        let name = self
-            .headers
-            .get(col)
-            .cloned()
-            .unwrap_or_else(|| format!("#{}", col + 1));
+        let message = format!(
+            "{} is not valid UTF-8; if the file came from Excel on Windows, re-run with --encoding windows-1252",
+            self.column_name(col)
+        );
+        self.bad(line, message)
+    }
+
+    /// The current record, refused with `message`.
+    fn bad(&self, line: u64, message: String) -> BadRecord {
         BadRecord {
             line,
-            message: format!(
-                "column {name:?} (column {}) is not valid UTF-8; if the file came from Excel on Windows, re-run with --encoding windows-1252",
-                col + 1
-            ),
+            message,
             fields: self.raw.iter().map(String::from_utf8_lossy).collect(),
+        }
+    }
+
+    /// `column "Name" (column 3)`, as messages name a cell.
+    fn column_name(&self, col: usize) -> String {
+        match self.headers.get(col) {
+            Some(h) => format!("column {h:?} (column {})", col + 1),
+            None => format!("column {} (past the header)", col + 1),
         }
     }
 
@@ -356,22 +451,179 @@ fn decode(enc: Encoding, bytes: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
     }
 }
 
-/// Size and SHA-1 of a file, to refuse resuming a run on a changed input.
-pub fn fingerprint(path: &Path) -> anyhow::Result<(i64, String)> {
-    let mut f = File::open(path)
-        .map_err(|e| usage(format!("failed to open the input {}: {e}", path.display())))?;
+/// Opens an input file, refusing what cannot be one (a directory, a file
+/// that cannot be read) as a usage error that names it.
+pub fn open_input(path: &Path) -> anyhow::Result<File> {
+    if path.is_dir() {
+        return Err(usage(format!(
+            "the input {} is a directory; give the CSV file itself",
+            path.display()
+        )));
+    }
+    File::open(path).map_err(|e| usage(format!("failed to open the input {}: {e}", path.display())))
+}
+
+/// Size and SHA-1 of a file, to refuse resuming a run on a changed input;
+/// read in the same pass, the file's quoting is checked (see
+/// [`QuoteScan`]): a quote that never closes refuses the file before the
+/// first call, naming the line where it opened.
+pub fn fingerprint(source: &Source, delimiter: u8) -> anyhow::Result<(i64, String)> {
+    let path = source
+        .path()
+        .expect("standard input is spooled before it is fingerprinted");
+    let mut f = open_input(path)?;
     let mut h = sha1_smol::Sha1::new();
+    let mut quotes = QuoteScan::new(delimiter);
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0i64;
     loop {
-        let n = f.read(&mut buf)?;
+        let n = f.read(&mut buf).map_err(|e| {
+            usage(format!(
+                "failed to read the input {}: {e}",
+                source.display()
+            ))
+        })?;
         if n == 0 {
             break;
         }
         size += n as i64;
         h.update(&buf[..n]);
+        quotes.feed(&buf[..n]);
+    }
+    if let Some(problem) = quotes.finish() {
+        return Err(usage(format!("{}: {problem}", source.display())));
     }
     Ok((size, h.digest().to_string()))
+}
+
+/// A quoting mistake that makes a CSV reader swallow the records after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuoteProblem {
+    /// A quoted field runs to the end of the file.
+    NeverCloses { opened: u64 },
+    /// A quoted field spans lines and is followed by more text after its
+    /// closing quote: the quote that opened it was almost surely unbalanced
+    /// and the lines in between are records read as one cell.
+    TextAfterClose { opened: u64, closed: u64 },
+}
+
+impl std::fmt::Display for QuoteProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QuoteProblem::NeverCloses { opened } => write!(
+                f,
+                "line {opened}: a quote (\") opens a field that never closes, so every line after it would be read as one cell; \
+                 close the quote or remove it, then run again"
+            ),
+            QuoteProblem::TextAfterClose { opened, closed } => write!(
+                f,
+                "line {opened}: a quote (\") opens a field that closes only on line {closed}, followed by more text; \
+                 the quote on line {opened} is probably unbalanced (lines {opened} to {closed} would be read as one record): \
+                 close it or remove it, then run again"
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QuoteState {
+    FieldStart,
+    Unquoted,
+    Quoted,
+    /// A quote inside a quoted field: an escaped `""` or the closing quote.
+    QuoteSeen,
+    /// Blanks after a closing quote, before the delimiter.
+    AfterClose,
+}
+
+/// Follows RFC 4180 quoting byte by byte (the delimiter, quotes, CR and LF
+/// are single bytes in UTF-8 and Windows-1252 alike) and remembers the
+/// first [`QuoteProblem`]. Lines end at LF, CRLF or a lone CR, as the CSV
+/// reader's records do.
+pub struct QuoteScan {
+    delimiter: u8,
+    state: QuoteState,
+    line: u64,
+    after_cr: bool,
+    opened: u64,
+    spans_lines: bool,
+    problem: Option<QuoteProblem>,
+}
+
+impl QuoteScan {
+    pub fn new(delimiter: u8) -> QuoteScan {
+        QuoteScan {
+            delimiter,
+            state: QuoteState::FieldStart,
+            line: 1,
+            after_cr: false,
+            opened: 0,
+            spans_lines: false,
+            problem: None,
+        }
+    }
+
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if self.problem.is_some() {
+            return;
+        }
+        for &b in bytes {
+            let newline = b == b'\r' || (b == b'\n' && !self.after_cr);
+            self.after_cr = b == b'\r';
+            if newline {
+                self.line += 1;
+            }
+            let end_of_line = b == b'\r' || b == b'\n';
+            self.state = match self.state {
+                QuoteState::FieldStart | QuoteState::Unquoted
+                    if b == self.delimiter || end_of_line =>
+                {
+                    QuoteState::FieldStart
+                }
+                QuoteState::FieldStart if b == b'"' => {
+                    self.opened = self.line;
+                    self.spans_lines = false;
+                    QuoteState::Quoted
+                }
+                QuoteState::FieldStart | QuoteState::Unquoted => QuoteState::Unquoted,
+                QuoteState::Quoted if b == b'"' => QuoteState::QuoteSeen,
+                QuoteState::Quoted => {
+                    self.spans_lines |= end_of_line;
+                    QuoteState::Quoted
+                }
+                QuoteState::QuoteSeen if b == b'"' => QuoteState::Quoted,
+                QuoteState::QuoteSeen | QuoteState::AfterClose
+                    if b == self.delimiter || end_of_line =>
+                {
+                    QuoteState::FieldStart
+                }
+                QuoteState::QuoteSeen | QuoteState::AfterClose if b == b' ' || b == b'\t' => {
+                    QuoteState::AfterClose
+                }
+                QuoteState::QuoteSeen | QuoteState::AfterClose => {
+                    if self.spans_lines {
+                        self.problem = Some(QuoteProblem::TextAfterClose {
+                            opened: self.opened,
+                            closed: self.line,
+                        });
+                        return;
+                    }
+                    QuoteState::Unquoted
+                }
+            };
+        }
+    }
+
+    /// The first problem found, once the whole input has been fed.
+    pub fn finish(self) -> Option<QuoteProblem> {
+        match (self.problem, self.state) {
+            (Some(p), _) => Some(p),
+            (None, QuoteState::Quoted) => Some(QuoteProblem::NeverCloses {
+                opened: self.opened,
+            }),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -390,6 +642,58 @@ mod tests {
         let f = sniff(b"\"a;b\",c,d\n", None, None).unwrap();
         assert_eq!(f.delimiter, b',');
         assert!(sniff(b"\xFF\xFEe\x00", None, None).is_err());
+    }
+
+    #[test]
+    fn one_bad_sequence_does_not_make_a_utf8_file_windows_1252() {
+        let mut utf8 = b"email,name\n".to_vec();
+        for _ in 0..3 {
+            utf8.extend("a@b.c,Zoë\n".as_bytes());
+        }
+        utf8.extend(b"x@b.c,\xC3\x28\n");
+        assert_eq!(guess_encoding(&utf8), Encoding::Utf8);
+        assert_eq!(
+            guess_encoding(b"email,name\na@b.c,Zo\xEB\nb@b.c,Ren\xE9\n"),
+            Encoding::Windows1252
+        );
+        // A character cut by the end of the sample.
+        assert_eq!(guess_encoding(b"a,Zo\xC3"), Encoding::Utf8);
+    }
+
+    fn quotes(text: &[u8], chunk: usize) -> Option<QuoteProblem> {
+        let mut q = QuoteScan::new(b',');
+        for c in text.chunks(chunk) {
+            q.feed(c);
+        }
+        q.finish()
+    }
+
+    #[test]
+    fn quotes_that_swallow_records_are_found_in_any_chunking() {
+        for chunk in [1, 2, 7, 1024] {
+            assert_eq!(
+                quotes(b"e,n\na,\"x\"\"y\"\nb,\"two\nlines\", z\n", chunk),
+                None
+            );
+            assert_eq!(
+                quotes(b"e,n\na,b\nc,\"open\nd,e\n", chunk),
+                Some(QuoteProblem::NeverCloses { opened: 3 })
+            );
+            assert_eq!(
+                quotes(b"e,n\r\nc,\"open\r\nd,e\r\nf,\"g\"h\r\n", chunk),
+                Some(QuoteProblem::TextAfterClose {
+                    opened: 2,
+                    closed: 4
+                })
+            );
+            // On one line, text after a closing quote swallows nothing.
+            assert_eq!(quotes(b"e,n\na,\"b\"c\n", chunk), None);
+            // Lone CRs count as line ends.
+            assert_eq!(
+                quotes(b"e,n\ra,b\rc,\"d\r", chunk),
+                Some(QuoteProblem::NeverCloses { opened: 3 })
+            );
+        }
     }
 }
 
@@ -420,5 +724,10 @@ mod line_tests {
             vec![2, 3, 5]
         );
         assert_eq!(lines_of("\u{feff}email,n\na@x.io,1\n"), vec![2]);
+        assert_eq!(lines_of("email,n\ra@x.io,1\rb@x.io,2\r"), vec![2, 3]);
+        assert_eq!(
+            lines_of("email,n\na@x.io,1\rb@x.io,2\nc@x.io,3\n"),
+            vec![2, 3, 4]
+        );
     }
 }

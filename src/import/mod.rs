@@ -86,6 +86,9 @@ pub struct ImportOptions {
     pub checkpoint: PathBuf,
     pub errors: Option<PathBuf>,
     pub results: Option<PathBuf>,
+    /// Written by the caller; here only to be checked against the others.
+    #[serde(skip)]
+    pub summary_json: Option<PathBuf>,
     pub fresh: bool,
     pub max_duration: Option<Duration>,
     #[serde(skip)]
@@ -95,6 +98,8 @@ pub struct ImportOptions {
     pub empty: EmptyCells,
     pub allow_emails: bool,
     pub resolve: Option<Resolve>,
+    /// Neutralise formula cells in the rejected-rows report.
+    pub excel_safe: bool,
 }
 
 impl ImportOptions {
@@ -110,6 +115,7 @@ impl ImportOptions {
             checkpoint,
             errors: None,
             results: None,
+            summary_json: None,
             fresh: false,
             max_duration: None,
             encoding: None,
@@ -118,6 +124,7 @@ impl ImportOptions {
             empty: EmptyCells::Keep,
             allow_emails: false,
             resolve: None,
+            excel_safe: false,
         }
     }
 }
@@ -203,7 +210,7 @@ fn input_key(source: &Source) -> String {
             .unwrap_or_else(|_| p.clone())
             .display()
             .to_string(),
-        Source::Stdin => "<stdin>".into(),
+        Source::Stdin | Source::Spooled(_) => "<stdin>".into(),
     }
 }
 
@@ -294,22 +301,41 @@ pub async fn import(
         Source::Stdin => {
             let mut tmp =
                 tempfile::NamedTempFile::new().context("failed to spool standard input")?;
-            std::io::copy(&mut std::io::stdin().lock(), &mut tmp)
+            let bytes = std::io::copy(&mut std::io::stdin().lock(), &mut tmp)
                 .context("failed to read standard input")?;
+            if bytes == 0 {
+                return Err(usage(
+                    "standard input is empty: give the CSV on standard input (a header row, then the rows) or use --file PATH",
+                ));
+            }
             let path = tmp.path().to_path_buf();
             _spool = tmp;
             tracing::info!("reading standard input: this run cannot be resumed if interrupted");
-            Source::File(path)
+            Source::Spooled(path)
         }
         s => s.clone(),
     };
-    let Source::File(path) = &source else {
-        unreachable!()
-    };
     let key = input_key(&opts.source);
+    {
+        let mut outputs: Vec<(&str, &Path)> = vec![];
+        if !opts.dry_run {
+            outputs.push(("--checkpoint", &opts.checkpoint));
+        }
+        for (flag, p) in [
+            ("--errors", &opts.errors),
+            ("--results", &opts.results),
+            ("--summary-json", &opts.summary_json),
+        ] {
+            if let Some(p) = p {
+                outputs.push((flag, p));
+            }
+        }
+        crate::output::check_outputs(source.path(), &outputs)?;
+    }
 
     let delimiter = opts.delimiter.map(|c| c as u8);
     let csv = CsvInput::open(&source, opts.encoding, delimiter)?;
+    let found_delimiter = csv.format.delimiter;
     let mapping = Mapping::build(&csv.headers, opts.map.as_deref(), opts.empty)?;
     if !mapping.unmapped.is_empty() {
         let list = mapping.unmapped.join(", ");
@@ -332,7 +358,7 @@ pub async fn import(
         let counting = may_single_pass.then(|| {
             s.spawn(|| CsvInput::open(&source, opts.encoding, delimiter)?.count_records())
         });
-        let fingerprint = input::fingerprint(path);
+        let fingerprint = input::fingerprint(&source, found_delimiter);
         let records = counting.map(|c| {
             c.join()
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("counting the input's records panicked")))
@@ -358,7 +384,12 @@ pub async fn import(
     };
     let ck = Checkpoint::open(&ck_path)?;
 
-    let options_json = serde_json::to_string(opts)?;
+    let settings = run_settings(opts)?;
+    let options_json = {
+        let mut v = serde_json::to_value(opts)?;
+        v["settings"] = Value::Object(settings.clone());
+        v.to_string()
+    };
     let mut resumed = false;
     let run = match ck.unfinished_run("import", &key, &opts.beta)? {
         Some(r) if !opts.fresh && opts.source != Source::Stdin => {
@@ -368,6 +399,17 @@ pub async fn import(
                      to start over with the new file, add --fresh",
                     opts.source.display(),
                     r.id
+                )));
+            }
+            let differences = settings_differ(&r.options, &settings);
+            if !differences.is_empty() {
+                return Err(usage(format!(
+                    "run {} on {} stopped with other settings than these: {}; \
+                     resuming would shape part of the file one way and the rest another. \
+                     Run it again with the settings it had to finish it, or add --fresh to start over with these",
+                    r.id,
+                    opts.source.display(),
+                    differences.join("; ")
                 )));
             }
             resumed = true;
@@ -630,7 +672,7 @@ pub async fn import(
             .clone()
             .unwrap_or_else(|| default_errors_path(&opts.checkpoint, run));
         let headers = CsvInput::open(&source, opts.encoding, delimiter)?.headers;
-        report::write_errors(&ck, run, &headers, &p)?;
+        report::write_errors(&ck, run, &headers, &p, opts.excel_safe)?;
         Some(p.display().to_string())
     } else {
         None
@@ -679,6 +721,85 @@ pub async fn import(
         return Err(anyhow::Error::new(e).context(format!("import stopped:\n{summary}")));
     }
     Ok(summary)
+}
+
+/// What decides how rows are shaped and sent, stored with the run: a
+/// resume with other settings is refused, or one project would get part of
+/// a file under one mapping or status and the rest under another. The map
+/// is compared by content, not only by name.
+fn run_settings(opts: &ImportOptions) -> anyhow::Result<serde_json::Map<String, Value>> {
+    let map = match &opts.map {
+        Some(p) => {
+            let bytes = std::fs::read(p)
+                .map_err(|e| usage(format!("failed to read the map {}: {e}", p.display())))?;
+            Value::String(format!(
+                "{} (sha1 {})",
+                p.display(),
+                &sha1_smol::Sha1::from(&bytes).digest().to_string()[..12]
+            ))
+        }
+        None => Value::String("none".into()),
+    };
+    let mut m = serde_json::Map::new();
+    m.insert("--map".into(), map);
+    m.insert("--mode".into(), serde_json::to_value(opts.mode)?);
+    m.insert(
+        "--status".into(),
+        Value::String(opts.default_status.clone()),
+    );
+    m.insert("--allow-emails".into(), Value::Bool(opts.allow_emails));
+    m.insert("--empty".into(), serde_json::to_value(opts.empty)?);
+    m.insert(
+        "--encoding".into(),
+        Value::String(match opts.encoding {
+            None => "detected".into(),
+            Some(e) => format!("{e:?}").to_lowercase(),
+        }),
+    );
+    m.insert(
+        "--delimiter".into(),
+        Value::String(
+            opts.delimiter
+                .map_or("detected".into(), |d| format!("{d:?}")),
+        ),
+    );
+    Ok(m)
+}
+
+/// The settings of a stopped run (its stored options) that differ from
+/// `now`, each as `--flag: was X, now Y`. A run stored before settings were
+/// kept is compared on what it kept.
+fn settings_differ(stored: &str, now: &serde_json::Map<String, Value>) -> Vec<String> {
+    let stored: Value = serde_json::from_str(stored.trim_end_matches(" (abandoned by --fresh)"))
+        .unwrap_or(Value::Null);
+    let old = match stored.get("settings") {
+        Some(Value::Object(m)) => m.clone(),
+        _ => {
+            // Older runs: the options as they were serialised.
+            let mut m = serde_json::Map::new();
+            for (flag, field) in [
+                ("--mode", "mode"),
+                ("--status", "default_status"),
+                ("--allow-emails", "allow_emails"),
+                ("--empty", "empty"),
+            ] {
+                if let Some(v) = stored.get(field) {
+                    m.insert(flag.into(), v.clone());
+                }
+            }
+            m
+        }
+    };
+    let show = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+    now.iter()
+        .filter_map(|(flag, v)| {
+            let was = old.get(flag)?;
+            (was != v).then(|| format!("{flag} was {}, now {}", show(was), show(v)))
+        })
+        .collect()
 }
 
 /// The errors report's default place: beside the checkpoint.

@@ -23,6 +23,7 @@ pub fn write_errors(
     run: i64,
     headers: &[String],
     path: &Path,
+    excel_safe: bool,
 ) -> anyhow::Result<()> {
     let out = AtomicFile::create(path)?;
     let mut w = csv::Writer::from_writer(out.writer());
@@ -59,6 +60,13 @@ pub fn write_errors(
         let mut rec: Vec<String> = keep
             .iter()
             .map(|i| fields.get(*i).cloned().unwrap_or_default())
+            .map(|c| {
+                if excel_safe {
+                    crate::export::sink::excel_safe(c)
+                } else {
+                    c
+                }
+            })
             .collect();
         rec.push(line.to_string());
         rec.push(class.unwrap_or_default());
