@@ -403,7 +403,7 @@ fn checkpoint_only(rows: u64) {
             .map(|line| RowUpdate::Done {
                 line: *line,
                 action: "created",
-                tester_id: *line,
+                target_id: *line,
             })
             .collect();
         ck.apply_all(run, &done).unwrap();

@@ -13,6 +13,45 @@ use crate::import::input::Encoding;
 use crate::import::mapping::EmptyCells;
 use crate::import::{Mode, Resolve};
 
+/// `--mode` of the import (the core's [`Mode`] knows nothing of clap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Create users that are new, update those that exist.
+    Upsert,
+    /// Only create; a user that exists is rejected.
+    Create,
+    /// Only update; a user that does not exist is rejected.
+    Update,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Mode {
+        match m {
+            ModeArg::Upsert => Mode::Upsert,
+            ModeArg::Create => Mode::Create,
+            ModeArg::Update => Mode::Update,
+        }
+    }
+}
+
+/// `--resolve` of the import.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ResolveArg {
+    /// List the whole project once into the checkpoint.
+    List,
+    /// Look each email up (`email_is`).
+    Lookup,
+}
+
+impl From<ResolveArg> for Resolve {
+    fn from(r: ResolveArg) -> Resolve {
+        match r {
+            ResolveArg::List => Resolve::List,
+            ResolveArg::Lookup => Resolve::Lookup,
+        }
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "prefsync",
@@ -176,8 +215,8 @@ pub struct ImportArgs {
     #[arg(long, value_name = "PATH")]
     pub file: String,
     /// upsert: create new users, update existing ones; create or update restrict it.
-    #[arg(long, value_enum, default_value_t = Mode::Upsert)]
-    pub mode: Mode,
+    #[arg(long, value_enum, default_value_t = ModeArg::Upsert)]
+    pub mode: ModeArg,
     /// Column mapping (TOML): rename, ignore, constants, transforms. See samples/map.toml.
     #[arg(long, value_name = "FILE")]
     pub map: Option<PathBuf>,
@@ -229,7 +268,7 @@ pub struct ImportArgs {
     pub empty: EmptyCells,
     /// How to tell existing users from new ones (default: the cheaper in API calls).
     #[arg(long, value_enum)]
-    pub resolve: Option<Resolve>,
+    pub resolve: Option<ResolveArg>,
     /// In the rejected-rows report, put a ' before cells that start with =, +, -, @, tab or CR
     /// (Excel would run them as formulas). Off by default: the report is fed back in as it is.
     #[arg(long)]

@@ -8,10 +8,13 @@ pub mod checkpoint;
 pub mod cli;
 pub mod cmd;
 pub mod config;
+pub mod engine;
 pub mod exit;
 pub mod export;
 pub mod import;
+pub mod input;
 pub mod lock;
+pub mod ops;
 pub mod output;
 pub mod progress;
 pub mod sandbox;
@@ -64,23 +67,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
             let mut out = std::io::stdout().lock();
             writeln!(
                 out,
-                "{:>4}  {:<7}  {:<8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:<10}  input",
-                "run", "kind", "state", "rows", "created", "updated", "same", "rejected", "project"
+                "{:>4}  {:<16}  {:<8}  {:>8}  {:>8}  {:>8}  {:<10}  {:<40}  input",
+                "run", "kind", "state", "rows", "rejected", "open", "project", "done"
             )?;
             for r in ck.runs()? {
                 let c = ck.counts(r.id)?;
+                // Each kind's own actions, as its rows were done.
+                let done: Vec<String> = c.done.iter().map(|(a, n)| format!("{a} {n}")).collect();
                 writeln!(
                     out,
-                    "{:>4}  {:<7}  {:<8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:<10}  {}",
+                    "{:>4}  {:<16}  {:<8}  {:>8}  {:>8}  {:>8}  {:<10}  {:<40}  {}",
                     r.id,
                     r.kind,
                     r.state,
                     r.total_rows.unwrap_or(0),
-                    c.created,
-                    c.updated,
-                    c.unchanged,
                     c.rejected,
+                    c.pending,
                     r.beta,
+                    if done.is_empty() {
+                        "-".to_string()
+                    } else {
+                        done.join(", ")
+                    },
                     r.input_path
                 )?;
             }
@@ -107,7 +115,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
 
 /// A bar on a terminal, a log line every few seconds otherwise, nothing
 /// with `--quiet`.
-pub fn progress_for(g: &cli::GlobalArgs) -> std::sync::Arc<dyn progress::Progress> {
+pub fn progress_for(g: &cli::GlobalArgs) -> std::sync::Arc<dyn engine::Subscriber> {
     use std::io::IsTerminal;
     if g.quiet {
         std::sync::Arc::new(progress::Silent)

@@ -75,6 +75,27 @@ impl Drop for AtomicFile {
     }
 }
 
+/// Neutralises a cell that a spreadsheet would run as a formula: a leading
+/// `=`, `+`, `-`, `@`, tab or CR gets a `'` in front, which Excel shows as
+/// text and does not display.
+pub fn excel_safe(s: String) -> String {
+    match s.chars().next() {
+        Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{s}"),
+        _ => s,
+    }
+}
+
+/// Writes `value` as pretty JSON, whole or not at all.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let f = AtomicFile::create(path)?;
+    {
+        let mut w = f.writer();
+        serde_json::to_writer_pretty(&mut w, value)?;
+        w.flush()?;
+    }
+    f.commit()
+}
+
 /// Refuses, before any work, output paths that would destroy something:
 /// an output that is the input (`--errors in.csv` on `in.csv`), two outputs
 /// that are one file, an output that is a directory, or one whose

@@ -1,7 +1,11 @@
-//! Progress is reported through a trait; the CLI picks the display: a bar on
-//! a terminal, a log line every few seconds otherwise, or nothing.
+//! The displays of a run's progress: a bar on a terminal, a log line every
+//! few seconds otherwise, or nothing; the CLI picks one. Each is a
+//! subscriber of the engine's events (any [`Progress`] is): it shows
+//! [`Event::Progress`] and clears itself when the run ends.
 
 use std::sync::Mutex;
+
+use crate::engine::events::{Event, Subscriber};
 use std::time::{Duration, Instant};
 
 /// A view of a running job.
@@ -54,9 +58,21 @@ impl Snapshot {
     }
 }
 
+/// A display of progress.
 pub trait Progress: Send + Sync {
     fn update(&self, s: &Snapshot);
     fn finish(&self) {}
+}
+
+impl<P: Progress + ?Sized> Subscriber for P {
+    fn event(&self, e: &Event<'_>) -> anyhow::Result<()> {
+        match e {
+            Event::Progress(s) => self.update(s),
+            Event::Finished { .. } | Event::ExportFinished => self.finish(),
+            Event::Started { .. } => {}
+        }
+        Ok(())
+    }
 }
 
 /// Reports nothing (`--quiet`, tests).

@@ -31,4 +31,15 @@ impl Stop {
             notified.await;
         }
     }
+
+    /// Triggers this stop after `d` (`--max-duration`), unless the task is
+    /// aborted first.
+    pub fn after(&self, d: std::time::Duration) -> tokio::task::JoinHandle<()> {
+        let stop = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(d).await;
+            tracing::warn!("--max-duration reached: stopping after the calls in flight");
+            stop.trigger();
+        })
+    }
 }

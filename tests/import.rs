@@ -632,3 +632,93 @@ async fn the_errors_report_can_neutralise_formulas_and_leaves_no_partial_file() 
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// A checkpoint written by a prefsync of schema version 3 (before the
+/// engine), holding an import stopped by kill -9: one row done, one in
+/// flight whose create reached the server, one never sent. The engine
+/// migrates it to version 4 on open and resumes it: nobody is created
+/// twice, nobody is skipped.
+#[tokio::test]
+async fn an_unfinished_version_3_import_migrates_and_resumes() {
+    let f = Fixture::new(SandboxConfig::default()).await;
+    let input = f.file(
+        "in.csv",
+        b"email,first_name\na@x.io,A\nb@x.io,B\nc@x.io,C\n",
+    );
+    let client = common::unlimited_client(&f.sandbox);
+    let mut ids = vec![];
+    for (email, name) in [("a@x.io", "A"), ("b@x.io", "B")] {
+        let mut t = prefsync::api::TesterInput {
+            email: Some(email.into()),
+            status: Some("imported".into()),
+            ..Default::default()
+        };
+        t.profile.insert("first_name".into(), name.into());
+        ids.push(client.create_tester_id("a9b8c7de", &t).await.unwrap());
+    }
+    let bytes = std::fs::read(&input).unwrap();
+    let hash = sha1_smol::Sha1::from(&bytes).digest().to_string();
+    let key = std::fs::canonicalize(&input).unwrap().display().to_string();
+    {
+        let conn = rusqlite::Connection::open(f.dir.path().join("ck.sqlite")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE runs (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, input_path TEXT NOT NULL,
+               input_size INTEGER, input_hash TEXT, beta TEXT NOT NULL, options TEXT NOT NULL,
+               state TEXT NOT NULL, planned INTEGER NOT NULL DEFAULT 0, total_rows INTEGER,
+               started_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, finished_at INTEGER);
+             CREATE TABLE rows (run_id INTEGER NOT NULL REFERENCES runs(id), line INTEGER NOT NULL,
+               email TEXT, state TEXT NOT NULL, intent TEXT, action TEXT, tester_id INTEGER,
+               attempts INTEGER NOT NULL DEFAULT 0, error_class TEXT, http_status INTEGER,
+               message TEXT, raw TEXT, PRIMARY KEY (run_id, line)) WITHOUT ROWID;
+             CREATE TABLE known_testers (run_id INTEGER NOT NULL, email TEXT NOT NULL,
+               tester_id INTEGER NOT NULL, record TEXT NOT NULL, PRIMARY KEY (run_id, email)) WITHOUT ROWID;
+             CREATE TABLE outcomes (run_id INTEGER NOT NULL, line INTEGER NOT NULL, action TEXT NOT NULL,
+               tester_id INTEGER NOT NULL, PRIMARY KEY (run_id, line)) WITHOUT ROWID;
+             PRAGMA user_version = 3;",
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO runs (id, kind, input_path, input_size, input_hash, beta, options, state, planned, total_rows, started_at, updated_at)
+             VALUES (1, 'import', ?1, ?2, ?3, 'a9b8c7de', ?4, 'running', 1, 3, 0, 0)",
+            rusqlite::params![
+                key,
+                bytes.len() as i64,
+                hash,
+                r#"{"mode":"Create","default_status":"imported","allow_emails":false,"empty":"Keep"}"#
+            ],
+        )
+        .unwrap();
+        conn.execute_batch(&format!(
+            "INSERT INTO rows (run_id, line, email, state, intent, attempts) VALUES
+               (1, 2, 'a@x.io', 'sending', 'create', 1),
+               (1, 3, 'b@x.io', 'sending', 'create', 1),
+               (1, 4, 'c@x.io', 'pending', NULL, 0);
+             INSERT INTO outcomes (run_id, line, action, tester_id) VALUES (1, 2, 'created', {});",
+            ids[0]
+        ))
+        .unwrap();
+    }
+    let mut o = f.opts(&input);
+    o.mode = Mode::Create;
+    let s = f.run(&o).await.unwrap();
+    assert!(s.resumed, "the version 3 run is resumed, not started over");
+    assert_eq!((s.created, s.rejected, s.pending), (3, 0, 0));
+    let users = f.users();
+    assert_eq!(users.len(), 3, "nobody created twice, nobody skipped");
+    let results = f.csv("results.csv");
+    assert_eq!(
+        results[2][3],
+        ids[1].to_string(),
+        "b's id found by its lookup"
+    );
+    let conn = rusqlite::Connection::open(f.dir.path().join("ck.sqlite")).unwrap();
+    let (version, kind): (i64, String) = conn
+        .query_row(
+            "SELECT (SELECT value FROM meta WHERE key = 'schema_version'), kind FROM runs WHERE id = 1",
+            [],
+            |r| Ok((r.get::<_, String>(0)?.parse().unwrap(), r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((version, kind.as_str()), (4, "testers.import"));
+}

@@ -27,7 +27,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use rusqlite::{Connection, OptionalExtension, params};
 
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -91,6 +91,25 @@ CREATE TABLE IF NOT EXISTS outcomes (
 ) WITHOUT ROWID;
 ";
 
+/// Version 4: one checkpoint for every operation of the engine, not only
+/// the import of testers. `runs.kind` names the operation; a row's `email`
+/// becomes its generic `key` (an email, an id), `tester_id` becomes
+/// `target_id` (the record the row acted on), and a row may carry the small
+/// `detail` its operation needs to prove a call's effect. The columns are
+/// renamed in place (no table is rewritten), so an unfinished version 3
+/// run resumes. A prefsync that knows only version 3 refuses this file.
+const MIGRATE_V4: &str = "
+DROP INDEX IF EXISTS rows_by_email;
+ALTER TABLE rows RENAME COLUMN email TO key;
+ALTER TABLE rows RENAME COLUMN tester_id TO target_id;
+ALTER TABLE rows ADD COLUMN detail TEXT;
+ALTER TABLE outcomes RENAME COLUMN tester_id TO target_id;
+ALTER TABLE known_testers RENAME TO known;
+ALTER TABLE known RENAME COLUMN email TO key;
+ALTER TABLE known RENAME COLUMN tester_id TO target_id;
+UPDATE runs SET kind = 'testers.import' WHERE kind = 'import';
+";
+
 /// A row of `rows` with no outcome (the table's alias must be `rows`). A
 /// macro, so statements take it in with `concat!`, once, at compile time.
 macro_rules! no_outcome {
@@ -122,11 +141,13 @@ pub struct Run {
     pub updated_at: i64,
 }
 
+/// A run's rows by what became of them. Done rows are counted per action,
+/// in the words of their operation (`created`, `updated`, `unchanged` for an
+/// import; `added` for points; ...).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Counts {
-    pub created: u64,
-    pub updated: u64,
-    pub unchanged: u64,
+    /// Done rows per action, in the order first seen.
+    pub done: Vec<(String, u64)>,
     pub rejected: u64,
     /// Open rows (pending or sending).
     pub pending: u64,
@@ -135,14 +156,53 @@ pub struct Counts {
 }
 
 impl Counts {
+    /// Done rows with this action.
+    pub fn action(&self, action: &str) -> u64 {
+        self.done
+            .iter()
+            .find(|(a, _)| a == action)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    fn add_done(&mut self, action: &str) {
+        match self.done.iter_mut().find(|(a, _)| a == action) {
+            Some((_, n)) => *n += 1,
+            None => self.done.push((action.to_string(), 1)),
+        }
+    }
+
     pub fn finished(&self) -> u64 {
-        self.created + self.updated + self.unchanged + self.rejected
+        self.done.iter().map(|(_, n)| n).sum::<u64>() + self.rejected
     }
 
     /// Every row recorded.
     pub fn total(&self) -> u64 {
         self.finished() + self.pending
     }
+}
+
+/// A rejected row, as the errors report shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RejectedRow {
+    pub line: u64,
+    pub class: Option<String>,
+    pub http_status: Option<i64>,
+    pub message: Option<String>,
+    /// The row's original cells.
+    pub cells: Vec<String>,
+}
+
+/// What became of one row, as the results report shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowResult {
+    pub line: u64,
+    /// The row's key (its email for an import), when it got that far.
+    pub key: Option<String>,
+    /// The operation's action, `rejected`, or the open state.
+    pub action: String,
+    pub target_id: Option<i64>,
+    pub class: Option<String>,
+    pub message: Option<String>,
 }
 
 /// A row's final or in-flight state, as the engine reports it.
@@ -164,7 +224,7 @@ pub enum RowUpdate {
     Done {
         line: u64,
         action: &'static str,
-        tester_id: u64,
+        target_id: u64,
     },
     Rejected {
         line: u64,
@@ -202,7 +262,7 @@ pub const EMAILS_IN_MEMORY: usize = (1 << 21) / 8 * 7;
 
 /// The database's index on emails, once a run outgrew the memory's.
 const EMAIL_INDEX: &str =
-    "CREATE INDEX IF NOT EXISTS rows_by_email ON rows(run_id, email) WHERE email IS NOT NULL";
+    "CREATE INDEX IF NOT EXISTS rows_by_key ON rows(run_id, key) WHERE key IS NOT NULL";
 
 /// The row counts a batch statement is prepared for: a batch goes in parts
 /// of these sizes, so a handful of statements serve every batch.
@@ -257,7 +317,7 @@ fn batch_sql() -> &'static BatchSql {
             .iter()
             .map(|&n| {
                 values_statement(
-                    "INSERT INTO rows (run_id, line, email, intent, state, attempts) VALUES ",
+                    "INSERT INTO rows (run_id, line, key, intent, state, attempts) VALUES ",
                     "'sending', 1",
                     3,
                     n,
@@ -272,7 +332,7 @@ fn batch_sql() -> &'static BatchSql {
             .iter()
             .map(|&n| {
                 values_statement(
-                    "INSERT OR REPLACE INTO outcomes (run_id, line, action, tester_id) VALUES ",
+                    "INSERT OR REPLACE INTO outcomes (run_id, line, action, target_id) VALUES ",
                     "",
                     3,
                     n,
@@ -359,7 +419,12 @@ impl Checkpoint {
             );
         }
         // One step at a time, each in its own transaction.
-        let steps: [(i64, &str); 3] = [(1, SCHEMA_V1), (2, MIGRATE_V2), (3, MIGRATE_V3)];
+        let steps: [(i64, &str); 4] = [
+            (1, SCHEMA_V1),
+            (2, MIGRATE_V2),
+            (3, MIGRATE_V3),
+            (4, MIGRATE_V4),
+        ];
         for (to, sql) in steps {
             if version < to {
                 let tx = conn.unchecked_transaction()?;
@@ -553,7 +618,7 @@ impl Checkpoint {
         }
         seen.first = HashMap::default();
         seen.in_database = self.conn.query_row(
-            "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'index' AND name = 'rows_by_email'",
+            "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'index' AND name = 'rows_by_key'",
             [],
             |r| r.get(0),
         )?;
@@ -565,7 +630,7 @@ impl Checkpoint {
             let room = seen.expect;
             seen.first.reserve(room);
             let mut st = self.conn.prepare(
-                "SELECT line, email FROM rows WHERE run_id = ?1 AND email IS NOT NULL AND error_class IS NOT 'validation' ORDER BY line",
+                "SELECT line, key FROM rows WHERE run_id = ?1 AND key IS NOT NULL AND error_class IS NOT 'validation' ORDER BY line",
             )?;
             let mut rows = st.query([run])?;
             while let Some(r) = rows.next()? {
@@ -600,7 +665,7 @@ impl Checkpoint {
             return Ok(None);
         };
         let mut at = self.conn.prepare_cached(
-            "SELECT email FROM rows WHERE run_id = ?1 AND line = ?2 AND error_class IS NOT 'validation'",
+            "SELECT key FROM rows WHERE run_id = ?1 AND line = ?2 AND error_class IS NOT 'validation'",
         )?;
         let there: Option<Option<String>> = at
             .query_row(params![run, line as i64], |r| r.get(0))
@@ -624,9 +689,9 @@ impl Checkpoint {
         // Without statistics, SQLite's planner prefers the primary key for
         // min(line): the index must be named.
         let mut st = self.conn.prepare_cached(if indexed {
-            "SELECT min(line) FROM rows INDEXED BY rows_by_email WHERE run_id = ?1 AND email = ?2 AND email IS NOT NULL AND error_class IS NOT 'validation'"
+            "SELECT min(line) FROM rows INDEXED BY rows_by_key WHERE run_id = ?1 AND key = ?2 AND key IS NOT NULL AND error_class IS NOT 'validation'"
         } else {
-            "SELECT min(line) FROM rows WHERE run_id = ?1 AND email = ?2 AND error_class IS NOT 'validation'"
+            "SELECT min(line) FROM rows WHERE run_id = ?1 AND key = ?2 AND error_class IS NOT 'validation'"
         })?;
         let l: Option<i64> = st.query_row(params![run, email], |r| r.get(0))?;
         Ok(l.map(|l| l as u64))
@@ -662,7 +727,7 @@ impl Checkpoint {
             return Ok((first != line).then_some(first));
         }
         let mut insert = self.conn.prepare_cached(
-            "INSERT INTO rows (run_id, line, email, state) VALUES (?1, ?2, ?3, 'pending') ON CONFLICT DO NOTHING",
+            "INSERT INTO rows (run_id, line, key, state) VALUES (?1, ?2, ?3, 'pending') ON CONFLICT DO NOTHING",
         )?;
         insert.execute(params![run, line as i64, email])?;
         self.note_first(hash, line)?;
@@ -768,14 +833,14 @@ impl Checkpoint {
                     let RowUpdate::Done {
                         line,
                         action,
-                        tester_id,
+                        target_id,
                     } = u
                     else {
                         unreachable!("a run of Done updates")
                     };
                     st.raw_bind_parameter(2 + 3 * i, *line as i64)?;
                     st.raw_bind_parameter(3 + 3 * i, *action)?;
-                    st.raw_bind_parameter(4 + 3 * i, *tester_id as i64)?;
+                    st.raw_bind_parameter(4 + 3 * i, *target_id as i64)?;
                 }
                 st.raw_execute()?;
             }
@@ -859,15 +924,13 @@ impl Checkpoint {
     pub fn counts(&self, run: i64) -> anyhow::Result<Counts> {
         fn tally(c: &mut Counts, key: &str) {
             match key {
-                "created" => c.created += 1,
-                "updated" => c.updated += 1,
-                "unchanged" => c.unchanged += 1,
                 "rejected" => c.rejected += 1,
                 "sending" => {
                     c.sending += 1;
                     c.pending += 1;
                 }
-                _ => c.pending += 1,
+                "pending" | "done" => c.pending += 1,
+                action => c.add_done(action),
             }
         }
         let mut c = Counts::default();
@@ -901,9 +964,61 @@ impl Checkpoint {
         Ok(c)
     }
 
+    /// The run's rejected rows, in line order, for the errors report.
+    pub fn each_rejected(
+        &self,
+        run: i64,
+        mut f: impl FnMut(RejectedRow) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let mut st = self.conn.prepare(
+            "SELECT line, error_class, http_status, message, raw FROM rows WHERE run_id = ?1 AND state = 'rejected' ORDER BY line",
+        )?;
+        let mut rows = st.query(params![run])?;
+        while let Some(r) = rows.next()? {
+            f(RejectedRow {
+                line: r.get::<_, i64>(0)? as u64,
+                class: r.get(1)?,
+                http_status: r.get(2)?,
+                message: r.get(3)?,
+                cells: r
+                    .get::<_, Option<String>>(4)?
+                    .and_then(|raw| serde_json::from_str(&raw).ok())
+                    .unwrap_or_default(),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// What became of each of the run's rows, in line order, for the
+    /// results report. A row done under version 2 has its action in `rows`;
+    /// later, in `outcomes`.
+    pub fn each_result(
+        &self,
+        run: i64,
+        mut f: impl FnMut(RowResult) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let mut st = self.conn.prepare(
+            "SELECT rows.line, key, COALESCE(o.action, rows.action, state), COALESCE(o.target_id, rows.target_id), error_class, message \
+             FROM rows LEFT JOIN outcomes o ON o.run_id = rows.run_id AND o.line = rows.line \
+             WHERE rows.run_id = ?1 ORDER BY rows.line",
+        )?;
+        let mut rows = st.query(params![run])?;
+        while let Some(r) = rows.next()? {
+            f(RowResult {
+                line: r.get::<_, i64>(0)? as u64,
+                key: r.get(1)?,
+                action: r.get(2)?,
+                target_id: r.get::<_, Option<i64>>(3)?.filter(|i| *i > 0),
+                class: r.get(4)?,
+                message: r.get(5)?,
+            })?;
+        }
+        Ok(())
+    }
+
     pub fn store_known(&self, run: i64, email: &str, id: u64, record: &str) -> anyhow::Result<()> {
         let mut st = self.conn.prepare_cached(
-            "INSERT OR REPLACE INTO known_testers (run_id, email, tester_id, record) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT OR REPLACE INTO known (run_id, key, target_id, record) VALUES (?1, ?2, ?3, ?4)",
         )?;
         st.execute(params![run, email, id as i64, record])?;
         Ok(())
@@ -912,7 +1027,7 @@ impl Checkpoint {
     pub fn known(&self, run: i64, email: &str) -> anyhow::Result<Option<String>> {
         let mut st = self
             .conn
-            .prepare_cached("SELECT record FROM known_testers WHERE run_id = ?1 AND email = ?2")?;
+            .prepare_cached("SELECT record FROM known WHERE run_id = ?1 AND key = ?2")?;
         Ok(st.query_row(params![run, email], |r| r.get(0)).optional()?)
     }
 }
@@ -983,7 +1098,7 @@ mod tests {
             .map(|p| RowUpdate::Done {
                 line: p.0,
                 action: "created",
-                tester_id: p.0 * 10,
+                target_id: p.0 * 10,
             })
             .collect();
         updates[30] = RowUpdate::Rejected {
@@ -995,11 +1110,11 @@ mod tests {
         };
         ck.apply_all(run, &updates).unwrap();
         let c = ck.counts(run).unwrap();
-        assert_eq!((c.created, c.rejected, c.pending), (88, 1, 0));
+        assert_eq!((c.action("created"), c.rejected, c.pending), (88, 1, 0));
         let (id, action): (i64, Option<String>) = ck
             .conn()
             .query_row(
-                "SELECT tester_id, action FROM outcomes WHERE run_id = ?1 AND line = 91",
+                "SELECT target_id, action FROM outcomes WHERE run_id = ?1 AND line = 91",
                 [run],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
@@ -1082,12 +1197,12 @@ mod tests {
                 RowUpdate::Done {
                     line: 3,
                     action: "created",
-                    tester_id: 30,
+                    target_id: 30,
                 },
                 RowUpdate::Done {
                     line: 4,
                     action: "updated",
-                    tester_id: 40,
+                    target_id: 40,
                 },
             ],
         )
@@ -1105,7 +1220,13 @@ mod tests {
         assert_eq!(open, [2, 5]);
         let c = ck.counts(run).unwrap();
         assert_eq!(
-            (c.created, c.updated, c.pending, c.sending, c.total()),
+            (
+                c.action("created"),
+                c.action("updated"),
+                c.pending,
+                c.sending,
+                c.total()
+            ),
             (1, 1, 2, 0, 4)
         );
         // Dispatched again over the whole range: only the open rows move.
@@ -1142,7 +1263,15 @@ mod tests {
         )
         .unwrap();
         let c = ck.counts(run).unwrap();
-        assert_eq!((c.created, c.updated, c.rejected, c.total()), (1, 0, 1, 4));
+        assert_eq!(
+            (
+                c.action("created"),
+                c.action("updated"),
+                c.rejected,
+                c.total()
+            ),
+            (1, 0, 1, 4)
+        );
     }
 
     #[test]
@@ -1164,7 +1293,7 @@ mod tests {
         }
         let ck = Checkpoint::open(&path).unwrap();
         let c = ck.counts(1).unwrap();
-        assert_eq!((c.created, c.pending, c.sending), (1, 1, 1));
+        assert_eq!((c.action("created"), c.pending, c.sending), (1, 1, 1));
         let open: Vec<u64> = ck
             .open_rows(1, 0, 10)
             .unwrap()
@@ -1177,20 +1306,27 @@ mod tests {
             &[RowUpdate::Done {
                 line: 3,
                 action: "created",
-                tester_id: 30,
+                target_id: 30,
             }],
         )
         .unwrap();
         let c = ck.counts(1).unwrap();
-        assert_eq!((c.created, c.pending, c.sending), (2, 0, 0));
+        assert_eq!((c.action("created"), c.pending, c.sending), (2, 0, 0));
         assert!(ck.open_rows(1, 0, 10).unwrap().is_empty());
         // The results report reads both kinds of done row.
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("results.csv");
-        crate::import::report::write_results(&ck, 1, &out).unwrap();
-        let text = std::fs::read_to_string(&out).unwrap();
-        assert!(text.contains("2,a@x.io,created,20,"), "{text}");
-        assert!(text.contains("3,b@x.io,created,30,"), "{text}");
+        let mut results = vec![];
+        ck.each_result(1, |r| {
+            results.push((r.line, r.key.unwrap(), r.action, r.target_id.unwrap()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            results,
+            [
+                (2, "a@x.io".to_string(), "created".to_string(), 20),
+                (3, "b@x.io".to_string(), "created".to_string(), 30)
+            ]
+        );
     }
 
     #[test]

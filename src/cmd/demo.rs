@@ -8,12 +8,12 @@ use anyhow::Context;
 
 use crate::api::{ApiKey, Client, Limiter, RetryPolicy};
 use crate::cli::DemoArgs;
+use crate::engine::Subscriber;
 use crate::exit::Exit;
 use crate::export::sink::Format;
 use crate::export::{ExportOptions, Resource, export};
 use crate::import::input::Source;
 use crate::import::{ImportOptions, import};
-use crate::progress::Progress;
 use crate::sandbox::{DEFAULT_KEY, Sandbox, SandboxConfig};
 use crate::stop::Stop;
 
@@ -23,7 +23,7 @@ const MAP: &str = include_str!("../../samples/map.toml");
 /// unknown status, an impossible date.
 const EXPECTED_REJECTED: u64 = 5;
 
-pub async fn run(args: &DemoArgs, progress: Arc<dyn Progress>) -> anyhow::Result<Exit> {
+pub async fn run(args: &DemoArgs, progress: Arc<dyn Subscriber>) -> anyhow::Result<Exit> {
     let dir = &args.dir;
     std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let csv = dir.join("waitlist.csv");

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use crate::api::Client;
 use crate::cli::{ExportArgs, ExportWhat};
 use crate::config::Connection;
+use crate::engine::Subscriber;
 use crate::exit::{Exit, usage};
 use crate::export::sink::{CsvOptions, Format};
 use crate::export::{ExportOptions, ExportSummary, Resource, export};
-use crate::progress::Progress;
 use crate::stop::Stop;
 
 pub fn options(a: &ExportArgs, conn: &Connection) -> anyhow::Result<ExportOptions> {
@@ -106,7 +106,7 @@ pub async fn run(
     client: &Client,
     a: &ExportArgs,
     conn: &Connection,
-    progress: Arc<dyn Progress>,
+    progress: Arc<dyn Subscriber>,
 ) -> anyhow::Result<Exit> {
     let opts = options(a, conn)?;
     let stop = Stop::default();
@@ -114,7 +114,7 @@ pub async fn run(
     let summary = export(client, &opts, stop, progress).await?;
     eprint!("{summary}");
     if let Some(p) = &a.summary_json {
-        super::import::write_summary_json(p, &summary)?;
+        crate::output::write_json(p, &summary)?;
     }
     Ok(exit_of(&summary))
 }

@@ -4,16 +4,15 @@ use std::sync::Arc;
 
 use crate::api::Client;
 use crate::cli::ImportArgs;
+use crate::engine::Subscriber;
 use crate::exit::Exit;
 use crate::import::input::Source;
 use crate::import::{ImportOptions, ImportSummary, import};
-use crate::output::AtomicFile;
-use crate::progress::Progress;
 use crate::stop::Stop;
 
 pub fn options(a: &ImportArgs, beta: &str) -> ImportOptions {
     let mut o = ImportOptions::new(beta, Source::parse(&a.file), a.checkpoint.clone());
-    o.mode = a.mode;
+    o.mode = a.mode.into();
     o.map = a.map.clone();
     o.default_status = a.status.trim().to_lowercase();
     o.concurrency = a.concurrency;
@@ -28,7 +27,7 @@ pub fn options(a: &ImportArgs, beta: &str) -> ImportOptions {
     o.strict = a.strict;
     o.empty = a.empty;
     o.allow_emails = a.allow_emails;
-    o.resolve = a.resolve;
+    o.resolve = a.resolve.map(Into::into);
     o.excel_safe = a.excel_safe;
     o
 }
@@ -61,32 +60,16 @@ pub fn exit_of(s: &ImportSummary) -> Exit {
     }
 }
 
-pub fn write_summary_json(
-    path: &std::path::Path,
-    value: &impl serde::Serialize,
-) -> anyhow::Result<()> {
-    let f = AtomicFile::create(path)?;
-    {
-        let mut w = f.writer();
-        serde_json::to_writer_pretty(&mut w, value)?;
-        std::io::Write::flush(&mut w)?;
-    }
-    f.commit()
-}
-
 pub async fn run(
     client: &Client,
     a: &ImportArgs,
     beta: &str,
-    progress: Arc<dyn Progress>,
+    progress: Arc<dyn Subscriber>,
 ) -> anyhow::Result<Exit> {
     let stop = Stop::default();
     install_ctrl_c(&stop);
     let opts = options(a, beta);
     let summary = import(client, &opts, stop, progress).await?;
     eprint!("{summary}");
-    if let Some(p) = &a.summary_json {
-        write_summary_json(p, &summary)?;
-    }
     Ok(exit_of(&summary))
 }

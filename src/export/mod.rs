@@ -21,9 +21,10 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::api::{Client, PAGE_SIZE, Pagination, RateClass};
+use crate::engine::events::{Event, Subscriber};
 use crate::exit::usage;
 use crate::lock::RunLock;
-use crate::progress::{Items, Progress, Snapshot};
+use crate::progress::{Items, Snapshot};
 use crate::stop::Stop;
 pub use resource::Resource;
 use sink::{CsvOptions, FileSink, Format, Part, Sink, SqliteSink};
@@ -150,7 +151,7 @@ pub async fn export(
     client: &Client,
     opts: &ExportOptions,
     stop: Stop,
-    progress: Arc<dyn Progress>,
+    progress: Arc<dyn Subscriber>,
 ) -> anyhow::Result<ExportSummary> {
     let started = Instant::now();
     let calls_before = client.stats().requests.load(Ordering::Relaxed);
@@ -216,14 +217,7 @@ pub async fn export(
         .collect::<Vec<_>>()
         .join("&");
 
-    let timer = opts.max_duration.map(|d| {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(d).await;
-            tracing::warn!("--max-duration reached: stopping after the page in flight");
-            stop.trigger();
-        })
-    });
+    let timer = opts.max_duration.map(|d| stop.after(d));
 
     let shared = Arc::new(Shared {
         progress,
@@ -274,7 +268,8 @@ pub async fn export(
     if let Some(t) = timer {
         t.abort();
     }
-    shared.progress.finish();
+    // A display that fails does not fail the export.
+    let _ = shared.progress.event(&Event::ExportFinished);
     let mut parts = Vec::new();
     for r in results {
         parts.extend(r?);
@@ -299,7 +294,7 @@ pub async fn export(
 }
 
 struct Shared {
-    progress: Arc<dyn Progress>,
+    progress: Arc<dyn Subscriber>,
     started: Instant,
     pages_done: std::sync::atomic::AtomicU64,
     pages_total: std::sync::atomic::AtomicU64,
@@ -428,7 +423,7 @@ async fn export_part(
             let quota = class
                 .and_then(|c| client.limiter().quota(c))
                 .map(|q| f64::from(q.count) / q.period.as_secs_f64());
-            shared.progress.update(&Snapshot {
+            let _ = shared.progress.event(&Event::Progress(&Snapshot {
                 done,
                 total,
                 unit: "pages",
@@ -445,7 +440,7 @@ async fn export_part(
                     approximate: shared.records_approximate.load(Ordering::Relaxed),
                     unit: part.resource.unit(),
                 }),
-            });
+            }));
             tracing::debug!(page = page.number, rows, "page written");
             if page.last {
                 break true;

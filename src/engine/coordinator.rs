@@ -1,0 +1,394 @@
+//! The one task that owns the input and the checkpoint.
+//!
+//! Each turn is one transaction: what the workers reported, and, when the
+//! workers' queue has taken every row handed out so far, the next rows
+//! read and marked `sending` (planned too, in a single pass). Rows go to
+//! the queue only once that is committed. Owning both, it needs no round
+//! trip between a reader and a writer: one task, no thread hand-offs. It
+//! also feeds progress events, from the counts it commits.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::events::{Event, Subscribers};
+use super::{Cost, Intent, Operation, cells_json, duplicate_message, validation_error};
+use crate::api::Client;
+use crate::checkpoint::{Checkpoint, RowUpdate};
+use crate::input::CsvInput;
+use crate::progress::Snapshot;
+use crate::stop::Stop;
+
+/// How long the coordinator holds workers' reports for company in one
+/// transaction; a report somebody waits on is committed at once.
+const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(2);
+const GROUP_COMMIT_MAX: usize = 2048;
+/// Open rows fetched from the checkpoint at a time.
+const OPEN_CHUNK: usize = 10_000;
+
+/// Rows the coordinator marks `sending` in one transaction before handing
+/// them out. After a kill -9, at most this many plus those queued and in
+/// flight are asked about on resume; a clean stop puts the unsent ones back.
+const DISPATCH_BATCH: usize = 64;
+
+/// Rows a worker takes at a time (one wake-up, one report to the coordinator).
+pub(super) const WORK_CHUNK: usize = 8;
+
+/// How often progress is sent to the subscribers at most.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+/// One row handed to a worker.
+#[derive(Debug)]
+pub(crate) struct Job<R> {
+    pub line: u64,
+    pub row: R,
+    pub raw: csv::StringRecord,
+    /// The row was `sending` when the run stopped: ask about it first.
+    pub was_sending: bool,
+    /// What the stopped run was about to send for it, if it got that far.
+    pub stopped_intent: Option<Intent>,
+    /// The intent on disk now. A call is sent only once its intent is
+    /// durable, so a resume after kill -9 labels the row right.
+    pub durable: Option<Intent>,
+}
+
+/// What workers tell the coordinator.
+pub(crate) enum ToCoordinator {
+    /// A worker's intent, decided after the dispatch (a lookup, a fallback);
+    /// acknowledged once committed.
+    Intend(u64, Intent, oneshot::Sender<()>),
+    /// What became of rows (a worker's chunk).
+    Rows(Vec<RowUpdate>),
+}
+
+impl ToCoordinator {
+    /// Somebody waits for this to be committed.
+    fn awaited(&self) -> bool {
+        matches!(self, ToCoordinator::Intend(..))
+    }
+}
+
+/// The rows to hand out, in line order. In a single pass (`plan_too`)
+/// every record of the input is planned on the way: checked, then rejected
+/// or handed out; otherwise the rows were planned before, and the open ones
+/// are read back from the checkpoint.
+pub(super) struct RowSource<O: Operation> {
+    pub csv: CsvInput,
+    pub op: Arc<O>,
+    pub plan_too: bool,
+    pub run: i64,
+    /// The next open rows (line, was it `sending`, intent), from the
+    /// checkpoint, when not planning.
+    pub open: std::iter::Peekable<std::vec::IntoIter<(u64, bool, Option<String>)>>,
+    pub last: u64,
+    pub exhausted: bool,
+}
+
+/// Rows read at one go: those to send, and (single pass) those refused.
+struct Batch<R> {
+    jobs: Vec<Job<R>>,
+    invalid: Vec<RowUpdate>,
+}
+
+impl<O: Operation> RowSource<O> {
+    /// Up to `max` rows to send (or `max` refused ones).
+    fn next_batch(&mut self, ck: &Checkpoint, max: usize) -> anyhow::Result<Batch<O::Row>> {
+        let mut b = Batch {
+            jobs: Vec::new(),
+            invalid: Vec::new(),
+        };
+        while !self.exhausted && b.jobs.len() < max && b.invalid.len() < max {
+            let Some(rec) = self.csv.next_record()? else {
+                self.exhausted = true;
+                break;
+            };
+            let line = match &rec {
+                Ok(r) => r.line,
+                Err(bad) => bad.line,
+            };
+            let (was_sending, stopped_intent) = if self.plan_too {
+                (false, None)
+            } else {
+                if self.open.peek().is_none() {
+                    let more = ck.open_rows(self.run, self.last, OPEN_CHUNK)?;
+                    if more.is_empty() {
+                        self.exhausted = true;
+                        break;
+                    }
+                    self.open = more.into_iter().peekable();
+                }
+                while self.open.peek().is_some_and(|(l, _, _)| *l < line) {
+                    self.last = self.open.next().unwrap().0;
+                }
+                let Some((l, was_sending, stopped_intent)) = self.open.peek().cloned() else {
+                    continue;
+                };
+                if l != line {
+                    continue;
+                }
+                self.open.next();
+                self.last = line;
+                (was_sending, stopped_intent)
+            };
+            let r = match rec {
+                Ok(r) => r,
+                Err(bad) => {
+                    if self.plan_too {
+                        b.invalid
+                            .push(validation_error(bad.line, bad.message, &bad.fields));
+                    }
+                    continue;
+                }
+            };
+            let mut row = match self.op.parse(&r.fields) {
+                Ok(row) => row,
+                Err(msg) => {
+                    if self.plan_too {
+                        b.invalid.push(validation_error(r.line, msg, &r.fields));
+                    }
+                    continue;
+                }
+            };
+            let planned = self.op.plan(ck, self.run, &mut row)?;
+            let stopped_intent = stopped_intent
+                .as_deref()
+                .and_then(|s| self.op.intent(s))
+                .map(|(i, _)| i);
+            b.jobs.push(Job {
+                line,
+                row,
+                raw: r.fields,
+                was_sending,
+                stopped_intent,
+                durable: stopped_intent.or(planned),
+            });
+        }
+        Ok(b)
+    }
+}
+
+/// Progress, as the coordinator sees it from what it commits.
+pub(super) struct ProgressFeed {
+    pub subscribers: Subscribers,
+    pub client: Client,
+    pub cost: Cost,
+    pub started: Instant,
+    pub total: u64,
+    /// Rows finished, this run and before.
+    pub done: u64,
+    pub done_at_start: u64,
+    pub last: Option<Instant>,
+}
+
+impl ProgressFeed {
+    fn finished(&mut self, rows: u64) {
+        self.done += rows;
+        if self.last.is_some_and(|l| l.elapsed() < PROGRESS_EVERY) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let elapsed = self.started.elapsed();
+        let rate = (self.done - self.done_at_start) as f64 / elapsed.as_secs_f64().max(0.001);
+        let left = self.total.saturating_sub(self.done);
+        // When each row needs a limited call, the limit, not the speed so
+        // far, bounds the ETA.
+        let limit_rate = self.cost.class.and_then(|class| {
+            self.client.limiter().quota(class).map(|q| {
+                f64::from(q.count) / q.period.as_secs_f64() / self.cost.calls_per_row.max(0.001)
+            })
+        });
+        let eff = match limit_rate {
+            Some(l) if rate > 0.0 => rate.min(l),
+            Some(l) => l,
+            None => rate,
+        };
+        let stats = self.client.stats();
+        let snapshot = Snapshot {
+            done: self.done,
+            total: self.total,
+            unit: "rows",
+            elapsed,
+            limiter_wait: Duration::from_millis(stats.limiter_wait_ms.load(Ordering::Relaxed)),
+            throttled: stats.throttled.load(Ordering::Relaxed),
+            eta: (eff > 0.0).then(|| Duration::from_secs_f64(left as f64 / eff)),
+            items: None,
+        };
+        // A display that fails does not stop the run.
+        let _ = self.subscribers.send(&Event::Progress(&snapshot));
+    }
+}
+
+/// Owns the checkpoint and the input until every row handed out is
+/// reported. Returns the checkpoint and whether the whole input was read.
+pub(super) async fn coordinate<O: Operation>(
+    ck: Checkpoint,
+    mut rows: RowSource<O>,
+    mut rx: mpsc::Receiver<ToCoordinator>,
+    jobs: mpsc::Sender<Vec<Job<O::Row>>>,
+    mut progress: ProgressFeed,
+    stop: Stop,
+) -> anyhow::Result<(Checkpoint, bool)> {
+    let run = rows.run;
+    let background = ck.checkpoint_in_background()?;
+    let mut jobs = Some(jobs);
+    // Committed `sending`, not yet taken by the queue.
+    let mut ready: std::collections::VecDeque<Job<O::Row>> = Default::default();
+    // Worker reports gathered for the next transaction, and since when.
+    let mut held: Vec<ToCoordinator> = Vec::new();
+    let mut held_since: Option<tokio::time::Instant> = None;
+    let hold = |held: &mut Vec<ToCoordinator>,
+                since: &mut Option<tokio::time::Instant>,
+                m: ToCoordinator| {
+        held.push(m);
+        since.get_or_insert_with(tokio::time::Instant::now);
+    };
+    let mut reports_open = true;
+    loop {
+        // Hand out what is committed while the queue has room.
+        if let Some(tx) = &jobs {
+            while !ready.is_empty() {
+                let Ok(permit) = tx.try_reserve() else { break };
+                permit.send(next_chunk(&mut ready));
+            }
+        }
+        let stopped = stop.is_set();
+        if stopped && !ready.is_empty() {
+            // Never sent: back to pending, so a resume need not ask about them.
+            let back = ready
+                .drain(..)
+                .filter(|j| !j.was_sending)
+                .map(|j| RowUpdate::Pending { line: j.line })
+                .collect();
+            hold(&mut held, &mut held_since, ToCoordinator::Rows(back));
+        }
+        let want_rows = ready.is_empty() && !rows.exhausted && !stopped && jobs.is_some();
+        if !want_rows && ready.is_empty() && jobs.is_some() {
+            // Nothing more to hand out: workers end once the queue is empty.
+            jobs = None;
+        }
+        while held.len() < GROUP_COMMIT_MAX {
+            match rx.try_recv() {
+                Ok(m) => hold(&mut held, &mut held_since, m),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    reports_open = false;
+                    break;
+                }
+            }
+        }
+        // Group commit: a transaction costs far more than a row, so reports
+        // wait a little for company, unless somebody waits on them or rows
+        // are to be marked anyway.
+        let commit_now = want_rows
+            || held.len() >= GROUP_COMMIT_MAX
+            || held.iter().any(ToCoordinator::awaited)
+            || (!held.is_empty() && !reports_open)
+            || held_since.is_some_and(|t| t.elapsed() >= GROUP_COMMIT_WINDOW);
+        if !commit_now {
+            if !reports_open && held.is_empty() {
+                break;
+            }
+            let deadline = held_since.map(|t| t + GROUP_COMMIT_WINDOW);
+            let tx = jobs.as_ref();
+            tokio::select! {
+                m = rx.recv(), if reports_open => match m {
+                    Some(m) => hold(&mut held, &mut held_since, m),
+                    None => reports_open = false,
+                },
+                // Room in the queue for rows already committed.
+                Ok(permit) = async { tx.unwrap().reserve().await }, if tx.is_some() && !ready.is_empty() => {
+                    permit.send(next_chunk(&mut ready));
+                }
+                () = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => {}
+                () = stop.wait(), if !stopped && !ready.is_empty() => {}
+            }
+            continue;
+        }
+
+        ck.begin()?;
+        let mut acks = Vec::new();
+        // Every worker's reports in one go, so done rows share statements.
+        // Their order across workers does not matter: each row has one
+        // worker, and a row's intent is committed before its call.
+        let mut updates = Vec::new();
+        for m in held.drain(..) {
+            match m {
+                ToCoordinator::Intend(line, intent, ack) => {
+                    ck.apply(run, &RowUpdate::Sending { line, intent })?;
+                    acks.push(ack);
+                }
+                ToCoordinator::Rows(rows) => updates.extend(rows),
+            }
+        }
+        ck.apply_all(run, &updates)?;
+        let mut finished = updates
+            .iter()
+            .filter(|u| matches!(u, RowUpdate::Done { .. } | RowUpdate::Rejected { .. }))
+            .count() as u64;
+        held_since = None;
+        if want_rows {
+            let batch = rows.next_batch(&ck, DISPATCH_BATCH)?;
+            ck.apply_all(run, &batch.invalid)?;
+            finished += batch.invalid.len() as u64;
+            if rows.plan_too {
+                let op = &rows.op;
+                let plan: Vec<_> = batch
+                    .jobs
+                    .iter()
+                    .map(|j| (j.line, op.key(&j.row), j.durable))
+                    .collect();
+                let firsts = ck.plan_sending_all(run, &plan)?;
+                drop(plan);
+                for (job, first) in batch.jobs.into_iter().zip(firsts) {
+                    match first {
+                        Some(first) => {
+                            let message = duplicate_message(op.key_name(), op.key(&job.row), first);
+                            ck.apply(
+                                run,
+                                &RowUpdate::Rejected {
+                                    line: job.line,
+                                    class: "validation",
+                                    http_status: None,
+                                    message,
+                                    raw: Some(cells_json(&job.raw)),
+                                },
+                            )?;
+                            finished += 1;
+                        }
+                        None => ready.push_back(job),
+                    }
+                }
+            } else {
+                // The batch holds every open row between its first and last
+                // line: one statement per run of equal intents.
+                let marks: Vec<_> = batch.jobs.iter().map(|j| (j.line, j.durable)).collect();
+                for same in marks.chunk_by(|a, b| a.1 == b.1) {
+                    let (from, to) = (same[0].0, same[same.len() - 1].0);
+                    let intent = same[0].1;
+                    ck.apply(run, &RowUpdate::Dispatched { from, to, intent })?;
+                }
+                ready.extend(batch.jobs);
+            }
+        }
+        ck.commit()?;
+        for a in acks {
+            let _ = a.send(());
+        }
+        if finished > 0 {
+            progress.finished(finished);
+        }
+        // The transaction ran on a runtime thread: let its other tasks in.
+        tokio::task::yield_now().await;
+    }
+    drop(background);
+    ck.checkpoint_on_commit()?;
+    Ok((ck, rows.exhausted))
+}
+
+/// The next chunk a worker takes.
+fn next_chunk<R>(ready: &mut std::collections::VecDeque<Job<R>>) -> Vec<Job<R>> {
+    let n = WORK_CHUNK.min(ready.len());
+    ready.drain(..n).collect()
+}

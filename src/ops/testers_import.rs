@@ -1,0 +1,468 @@
+//! `import testers` as an operation of the engine: a mapped CSV row into a
+//! tester create or update.
+//!
+//! Telling new users from existing ones costs testers-list calls (60 a
+//! minute): the project is listed once into the checkpoint when that is
+//! cheaper than looking each row up, and the listing then answers at
+//! dispatch. A create's effect is found by looking its email up; an
+//! update's by comparing the user with what the row asks for.
+
+use std::path::PathBuf;
+
+use futures::StreamExt as _;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::api::{ApiError, Client, Op, PAGE_SIZE, RateClass, Tester, TesterInput};
+use crate::checkpoint::Checkpoint;
+use crate::engine::{Cost, Decision, Doubt, Effect, Intent, Operation, Prepare, Sent};
+use crate::exit::{StoppedError, usage};
+use crate::import::mapping::{self, EMAILING_STATUSES, EmptyCells, Mapping};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Mode {
+    /// Create users that are new, update those that exist.
+    Upsert,
+    /// Only create; a user that exists is rejected.
+    Create,
+    /// Only update; a user that does not exist is rejected.
+    Update,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Resolve {
+    /// List the whole project once into the checkpoint.
+    List,
+    /// Look each email up (`email_is`).
+    Lookup,
+}
+
+/// The import of testers.
+pub struct TestersImport {
+    pub client: Client,
+    pub beta: String,
+    pub mode: Mode,
+    /// Chosen by the user; else decided in `prepare`.
+    pub resolve: Option<Resolve>,
+    pub default_status: String,
+    pub allow_emails: bool,
+    /// The `--map` file, read once the header row is known.
+    pub map: Option<PathBuf>,
+    pub empty: EmptyCells,
+    /// Refuse columns that map to nothing.
+    pub strict: bool,
+    mapping: Option<Mapping>,
+}
+
+impl TestersImport {
+    pub fn new(client: Client, beta: String) -> TestersImport {
+        TestersImport {
+            client,
+            beta,
+            mode: Mode::Upsert,
+            resolve: None,
+            default_status: "imported".into(),
+            allow_emails: false,
+            map: None,
+            empty: EmptyCells::Keep,
+            strict: false,
+            mapping: None,
+        }
+    }
+
+    fn mapping(&self) -> &Mapping {
+        self.mapping
+            .as_ref()
+            .expect("the engine gives the header row before any row")
+    }
+
+    async fn lookup(&self, email: &str) -> Result<Option<Value>, ApiError> {
+        let t: Option<Tester> = self.client.find_tester(&self.beta, email).await?;
+        Ok(t.map(|t| serde_json::to_value(t).unwrap()))
+    }
+
+    /// The user as it stands, from what the row learnt or the API.
+    async fn current(&self, row: &mut ImportRow) -> Result<Option<Value>, ApiError> {
+        if let Some(known) = row.learnt.take() {
+            return Ok(known);
+        }
+        match self.resolve {
+            None => Ok(None),
+            Some(Resolve::List) => Ok(row.known.clone()),
+            Some(Resolve::Lookup) => self.lookup(row.email()).await,
+        }
+    }
+}
+
+/// One row of the import.
+#[derive(Debug)]
+pub struct ImportRow {
+    email_key: String,
+    input: TesterInput,
+    /// The user as the project listing showed it (`--resolve list`).
+    known: Option<Value>,
+    /// The user as a lookup just found it (`Some(None)`: not there), for
+    /// the next decision.
+    learnt: Option<Option<Value>>,
+    /// The status was the default for new users, not the file's.
+    defaulted: bool,
+    /// The update the decision made.
+    change: Option<(u64, TesterInput)>,
+}
+
+impl ImportRow {
+    /// The email as the file has it (trimmed), for a lookup.
+    fn email(&self) -> &str {
+        self.input.email.as_deref().unwrap_or_default()
+    }
+}
+
+fn id_of(t: &Value) -> u64 {
+    t.get("id").and_then(Value::as_u64).unwrap_or(0)
+}
+
+impl Operation for TestersImport {
+    type Row = ImportRow;
+
+    fn kind(&self) -> &'static str {
+        "testers.import"
+    }
+
+    fn actions(&self) -> &'static [&'static str] {
+        &["created", "updated", "unchanged"]
+    }
+
+    fn intent(&self, name: &str) -> Option<(Intent, &'static str)> {
+        match name {
+            "create" => Some(("create", "created")),
+            "update" => Some(("update", "updated")),
+            _ => None,
+        }
+    }
+
+    /// The header row decides the mapping: the columns that map to nothing
+    /// are warned about (or refused with `--strict`) before any call.
+    fn headers(&mut self, headers: &[String]) -> anyhow::Result<()> {
+        let mapping = Mapping::build(headers, self.map.as_deref(), self.empty)?;
+        if !mapping.unmapped.is_empty() {
+            let list = mapping.unmapped.join(", ");
+            if self.strict {
+                return Err(usage(format!(
+                    "columns that map to nothing: {list}. Map them with --map, or drop --strict to ignore them"
+                )));
+            }
+            tracing::warn!(
+                "these columns map to nothing and are ignored: {list} (use --map to map them, --strict to refuse)"
+            );
+        }
+        self.mapping = Some(mapping);
+        Ok(())
+    }
+
+    fn parse(&self, cells: &csv::StringRecord) -> Result<ImportRow, String> {
+        let row = self.mapping().apply(cells)?;
+        Ok(ImportRow {
+            email_key: row.email_key,
+            input: row.input,
+            known: None,
+            learnt: None,
+            defaulted: false,
+            change: None,
+        })
+    }
+
+    fn key<'r>(&self, row: &'r ImportRow) -> &'r str {
+        &row.email_key
+    }
+
+    fn key_name(&self) -> &'static str {
+        "email"
+    }
+
+    /// Rows that may set a status that emails people must all be counted
+    /// before anything is sent.
+    fn single_pass(&self) -> bool {
+        self.allow_emails || !self.mapping().sets_status()
+    }
+
+    fn gate(&self, row: &ImportRow) -> bool {
+        !self.allow_emails
+            && row
+                .input
+                .status
+                .as_deref()
+                .is_some_and(|s| EMAILING_STATUSES.contains(&s))
+    }
+
+    fn gate_refusal(&self, rows: u64, first_line: u64) -> anyhow::Error {
+        usage(format!(
+            "{rows} rows set a status ({}) that makes Prefinery email these people (first at line {first_line}); \
+             add --allow-emails to send them, or change the status",
+            EMAILING_STATUSES.join(", ")
+        ))
+    }
+
+    async fn prepare(&mut self, p: Prepare<'_>) -> anyhow::Result<()> {
+        self.resolve = match self.mode {
+            // Creating needs no resolving, except for the rows a stopped
+            // run had in flight: each is looked up, unless listing the
+            // project is cheaper.
+            Mode::Create if p.in_flight > 0 && !p.dry_run => {
+                let beta = self.client.beta(&self.beta).await?;
+                let pages = beta.testers_count.unwrap_or(0).div_ceil(PAGE_SIZE as u64);
+                let list = pages < p.in_flight;
+                tracing::info!(
+                    in_flight = p.in_flight,
+                    "{} rows were in flight when the last run stopped: {}",
+                    p.in_flight,
+                    if list {
+                        format!("listing the project ({pages} testers-list calls) to find them")
+                    } else {
+                        "looking each one up".to_string()
+                    }
+                );
+                list.then_some(Resolve::List)
+            }
+            Mode::Create => None,
+            _ => Some(match self.resolve {
+                Some(r) => r,
+                None => {
+                    let beta = self.client.beta(&self.beta).await?;
+                    let users = beta.testers_count.unwrap_or(0);
+                    let pages = users.div_ceil(PAGE_SIZE as u64);
+                    let choice = if pages < p.open {
+                        Resolve::List
+                    } else {
+                        Resolve::Lookup
+                    };
+                    tracing::info!(
+                        project_users = users,
+                        rows_to_do = p.open,
+                        "resolving emails by {}: listing costs {pages} testers-list calls, looking up costs {}",
+                        match choice {
+                            Resolve::List => "listing the project",
+                            Resolve::Lookup => "looking each email up",
+                        },
+                        p.open
+                    );
+                    choice
+                }
+            }),
+        };
+        if self.resolve == Some(Resolve::List) && p.open > 0 {
+            list_project(&self.client, p.checkpoint, p.run, &self.beta, p.stop).await?;
+        }
+        Ok(())
+    }
+
+    fn cost(&self) -> Cost {
+        // Looking each email up costs a testers-list call a row.
+        match self.resolve {
+            Some(Resolve::Lookup) => Cost {
+                class: Some(RateClass::TestersList),
+                calls_per_row: 1.0,
+            },
+            _ => Cost {
+                class: None,
+                calls_per_row: 1.0,
+            },
+        }
+    }
+
+    /// A create when the row is new to the project (or nothing is
+    /// resolved), an update when the listing shows a difference; `None`
+    /// when a lookup must decide, or nothing will be sent.
+    fn plan(
+        &self,
+        ck: &Checkpoint,
+        run: i64,
+        row: &mut ImportRow,
+    ) -> anyhow::Result<Option<Intent>> {
+        if self.resolve == Some(Resolve::List) {
+            row.known = ck
+                .known(run, &row.email_key)?
+                .and_then(|s| serde_json::from_str(&s).ok());
+        }
+        Ok(match (self.resolve, &row.known, self.mode) {
+            (None, _, _) => Some("create"),
+            (Some(Resolve::List), None, Mode::Upsert | Mode::Create) => Some("create"),
+            (Some(Resolve::List), Some(t), Mode::Upsert | Mode::Update) => {
+                mapping::diff(t, &row.input).map(|_| "update")
+            }
+            _ => None,
+        })
+    }
+
+    async fn find_effect(&self, row: &mut ImportRow, doubt: Doubt) -> Result<Effect, ApiError> {
+        // This run listed the project after the stopped one died, so for a
+        // row in flight then the listing answers as well as a lookup (and
+        // costs no call). After an unknown outcome in this run, only a
+        // lookup tells.
+        let (found, intent) = match doubt {
+            Doubt::InFlightAtStop(intent) if self.resolve == Some(Resolve::List) => {
+                (row.known.clone(), intent)
+            }
+            Doubt::InFlightAtStop(intent) => (self.lookup(row.email()).await?, intent),
+            Doubt::OutcomeUnknown(intent) => (self.lookup(row.email()).await?, Some(intent)),
+        };
+        let effect = match (&found, intent) {
+            (Some(t), Some("create")) => Effect::Done {
+                action: "created",
+                target: id_of(t),
+            },
+            // Nothing left to change: the update went through.
+            (Some(t), Some("update")) if mapping::diff(t, &row.input).is_none() => Effect::Done {
+                action: "updated",
+                target: id_of(t),
+            },
+            _ => Effect::NotDone,
+        };
+        row.learnt = Some(found);
+        Ok(effect)
+    }
+
+    async fn decide(&self, row: &mut ImportRow) -> Result<Decision, ApiError> {
+        let existing = self.current(row).await?;
+        Ok(match (existing, self.mode) {
+            (Some(t), Mode::Create) => Decision::Reject {
+                message: format!(
+                    "{} already exists in the project (id {}); --mode create does not update users",
+                    row.email_key,
+                    id_of(&t)
+                ),
+            },
+            (Some(t), _) => {
+                let id = id_of(&t);
+                match mapping::diff(&t, &row.input) {
+                    None => Decision::Done {
+                        action: "unchanged",
+                        target: id,
+                    },
+                    Some(change) => {
+                        row.change = Some((id, change));
+                        Decision::Send("update")
+                    }
+                }
+            }
+            (None, Mode::Update) => Decision::Reject {
+                message: format!(
+                    "{} is not in the project; --mode update does not create users",
+                    row.email_key
+                ),
+            },
+            (None, _) => {
+                // New users get the default status; an existing one (the
+                // fallback to an update) keeps its own.
+                if row.input.status.is_none() {
+                    row.input.status = Some(self.default_status.clone());
+                    row.defaulted = true;
+                }
+                Decision::Send("create")
+            }
+        })
+    }
+
+    async fn send(&self, row: &mut ImportRow, intent: Intent) -> Result<Sent, ApiError> {
+        if intent == "update" {
+            let (id, change) = row.change.as_ref().expect("an update decided its change");
+            self.client.update_tester(&self.beta, *id, change).await?;
+            return Ok(Sent::Done {
+                action: "updated",
+                target: *id,
+            });
+        }
+        match self.client.create_tester_id(&self.beta, &row.input).await {
+            Ok(id) => Ok(Sent::Done {
+                action: "created",
+                target: id,
+            }),
+            Err(ApiError::Rejected {
+                status: 422,
+                messages,
+                ..
+            }) if messages.mentions("taken") || messages.mentions("already exists") => {
+                // Someone else created it since it was resolved: update it.
+                match self.lookup(row.email()).await? {
+                    Some(t) if self.mode != Mode::Create => {
+                        if row.defaulted {
+                            row.input.status = None;
+                            row.defaulted = false;
+                        }
+                        row.learnt = Some(Some(t));
+                        Ok(Sent::Redecide)
+                    }
+                    _ => Ok(Sent::Rejected {
+                        status: Some(422),
+                        message: format!("the API says the email is taken: {messages}"),
+                    }),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn notes(&self) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        m.insert(
+            "resolve".into(),
+            Value::String(
+                match self.resolve {
+                    None => "none (create only)",
+                    Some(Resolve::List) => "list",
+                    Some(Resolve::Lookup) => "lookup",
+                }
+                .into(),
+            ),
+        );
+        m.insert(
+            "unmapped_columns".into(),
+            Value::from(
+                self.mapping
+                    .as_ref()
+                    .map(|m| m.unmapped.clone())
+                    .unwrap_or_default(),
+            ),
+        );
+        m
+    }
+}
+
+/// Lists every user of the project into the checkpoint.
+async fn list_project(
+    client: &Client,
+    ck: &Checkpoint,
+    run: i64,
+    beta: &str,
+    stop: &crate::stop::Stop,
+) -> anyhow::Result<()> {
+    let mut pages = std::pin::pin!(client.pages::<Value>(
+        Op::TestersList,
+        Some(beta.to_string()),
+        format!("betas/{beta}/testers.json"),
+        vec![],
+        1
+    ));
+    let mut n = 0u64;
+    while let Some(page) = pages.next().await {
+        if stop.is_set() {
+            return Err(anyhow::Error::new(StoppedError(
+                "stopped while listing the project".into(),
+            )));
+        }
+        let page = page?;
+        ck.begin()?;
+        for t in &page.items {
+            let (Some(email), Some(id)) = (
+                t.get("email").and_then(Value::as_str),
+                t.get("id").and_then(Value::as_u64),
+            ) else {
+                continue;
+            };
+            ck.store_known(run, &mapping::email_key(email), id, &t.to_string())?;
+            n += 1;
+        }
+        ck.commit()?;
+    }
+    tracing::info!(users = n, "listed the project");
+    Ok(())
+}
