@@ -11,6 +11,7 @@ use crate::api::RateOverride;
 use crate::export::sink::Format;
 use crate::import::input::Encoding;
 use crate::import::mapping::EmptyCells;
+use crate::import::presets::MailchimpList;
 use crate::import::{Mode, Resolve};
 
 /// `--mode` of the import (the core's [`Mode`] knows nothing of clap).
@@ -132,6 +133,25 @@ pub enum Command {
     Runs(RunsArgs),
     /// Export users, rewards, suppressions, points or projects (resumable).
     Export(ExportArgs),
+    /// The compiled-in mappings for other tools' exports (--preset).
+    Preset(PresetCmd),
+}
+
+#[derive(Debug, Args)]
+pub struct PresetCmd {
+    #[command(subcommand)]
+    pub what: PresetWhat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PresetWhat {
+    /// The presets, one a line.
+    List,
+    /// Print a preset's mapping file (copy it, change it, pass it with --map).
+    Show {
+        /// The preset's name (see `prefsync preset list`).
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -217,12 +237,23 @@ pub struct ImportArgs {
     /// upsert: create new users, update existing ones; create or update restrict it.
     #[arg(long, value_enum, default_value_t = ModeArg::Upsert)]
     pub mode: ModeArg,
-    /// Column mapping (TOML): rename, ignore, constants, transforms. See samples/map.toml.
+    /// Column mapping (TOML): rename, ignore, constants, values, dates, lists, rules. See samples/map.toml.
     #[arg(long, value_name = "FILE")]
     pub map: Option<PathBuf>,
-    /// Status for new users. invited, rejected and unconfirmed email people: they need --allow-emails.
-    #[arg(long, default_value = "imported")]
-    pub status: String,
+    /// The mapping for another tool's export: mailchimp, getwaitlist, viral-loops, kickofflabs,
+    /// referralhero, launchlist, or auto (recognised from the header row). --map overrides its entries.
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
+    /// Which Mailchimp file this is (default: told from Mailchimp's file name; never guessed).
+    #[arg(long, value_enum, value_name = "LIST")]
+    pub mailchimp_list: Option<MailchimpList>,
+    /// Import rows that skip_if rules (spam, fraud flags) would skip. Opted-out people stay out.
+    #[arg(long)]
+    pub include_flagged: bool,
+    /// Status for new users [default: imported, or the preset's: applied]. invited, rejected and
+    /// unconfirmed email people: they need --allow-emails.
+    #[arg(long)]
+    pub status: Option<String>,
     /// Allow statuses that make Prefinery email people (invited, rejected, unconfirmed).
     #[arg(long)]
     pub allow_emails: bool,

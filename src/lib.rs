@@ -52,6 +52,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
             let beta = conn.require_beta()?.to_string();
             cmd::import::run(&conn.client(), a, &beta, progress_for(&cli.global)).await
         }
+        Command::Preset(p) => cmd::preset::run(&p.what),
         Command::Export(a) => {
             let conn = config::Connection::from_args(&cli.global)?;
             cmd::export::run(&conn.client(), a, &conn, progress_for(&cli.global)).await

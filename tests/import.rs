@@ -556,7 +556,7 @@ async fn a_resume_with_other_settings_is_refused_naming_them() {
     // Resumed with another map and another status.
     let mut o2 = f.opts(&input);
     o2.map = Some(m2.clone());
-    o2.default_status = "applied".into();
+    o2.default_status = Some("applied".into());
     let e = f.run(&o2).await.unwrap_err();
     assert_eq!(prefsync::exit::exit_for(&e).code(), 2, "{e:#}");
     let msg = e.to_string();

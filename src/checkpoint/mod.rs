@@ -92,7 +92,9 @@ CREATE TABLE IF NOT EXISTS outcomes (
 ";
 
 /// Version 4: one checkpoint for every operation of the engine, not only
-/// the import of testers. `runs.kind` names the operation; a row's `email`
+/// the import of testers. A row may also be `skipped` (state and action),
+/// kept out of the run by a rule, with its class in `error_class`
+/// (`flagged`, `would_suppress`) and the reason in `message`. `runs.kind` names the operation; a row's `email`
 /// becomes its generic `key` (an email, an id), `tester_id` becomes
 /// `target_id` (the record the row acted on), and a row may carry the small
 /// `detail` its operation needs to prove a call's effect. The columns are
@@ -149,6 +151,8 @@ pub struct Counts {
     /// Done rows per action, in the order first seen.
     pub done: Vec<(String, u64)>,
     pub rejected: u64,
+    /// Rows a rule kept out, per class.
+    pub skipped: Vec<(String, u64)>,
     /// Open rows (pending or sending).
     pub pending: u64,
     /// Of those, rows that were in flight when a run stopped.
@@ -164,15 +168,17 @@ impl Counts {
             .map_or(0, |(_, n)| *n)
     }
 
-    fn add_done(&mut self, action: &str) {
-        match self.done.iter_mut().find(|(a, _)| a == action) {
+    fn add(list: &mut Vec<(String, u64)>, name: &str) {
+        match list.iter_mut().find(|(a, _)| a == name) {
             Some((_, n)) => *n += 1,
-            None => self.done.push((action.to_string(), 1)),
+            None => list.push((name.to_string(), 1)),
         }
     }
 
     pub fn finished(&self) -> u64 {
-        self.done.iter().map(|(_, n)| n).sum::<u64>() + self.rejected
+        self.done.iter().map(|(_, n)| n).sum::<u64>()
+            + self.skipped.iter().map(|(_, n)| n).sum::<u64>()
+            + self.rejected
     }
 
     /// Every row recorded.
@@ -232,6 +238,15 @@ pub enum RowUpdate {
         http_status: Option<u16>,
         message: String,
         raw: Option<String>,
+    },
+    /// Kept out of the run by a rule: not sent, not an error. The key is
+    /// kept for the results, outside the duplicate check (a skipped row is
+    /// as if it were not in the file).
+    Skipped {
+        line: u64,
+        class: &'static str,
+        key: Option<String>,
+        message: String,
     },
 }
 
@@ -630,7 +645,7 @@ impl Checkpoint {
             let room = seen.expect;
             seen.first.reserve(room);
             let mut st = self.conn.prepare(
-                "SELECT line, key FROM rows WHERE run_id = ?1 AND key IS NOT NULL AND error_class IS NOT 'validation' ORDER BY line",
+                "SELECT line, key FROM rows WHERE run_id = ?1 AND key IS NOT NULL AND error_class IS NOT 'validation' AND state IS NOT 'skipped' ORDER BY line",
             )?;
             let mut rows = st.query([run])?;
             while let Some(r) = rows.next()? {
@@ -665,7 +680,7 @@ impl Checkpoint {
             return Ok(None);
         };
         let mut at = self.conn.prepare_cached(
-            "SELECT key FROM rows WHERE run_id = ?1 AND line = ?2 AND error_class IS NOT 'validation'",
+            "SELECT key FROM rows WHERE run_id = ?1 AND line = ?2 AND error_class IS NOT 'validation' AND state IS NOT 'skipped'",
         )?;
         let there: Option<Option<String>> = at
             .query_row(params![run, line as i64], |r| r.get(0))
@@ -689,9 +704,9 @@ impl Checkpoint {
         // Without statistics, SQLite's planner prefers the primary key for
         // min(line): the index must be named.
         let mut st = self.conn.prepare_cached(if indexed {
-            "SELECT min(line) FROM rows INDEXED BY rows_by_key WHERE run_id = ?1 AND key = ?2 AND key IS NOT NULL AND error_class IS NOT 'validation'"
+            "SELECT min(line) FROM rows INDEXED BY rows_by_key WHERE run_id = ?1 AND key = ?2 AND key IS NOT NULL AND error_class IS NOT 'validation' AND state IS NOT 'skipped'"
         } else {
-            "SELECT min(line) FROM rows WHERE run_id = ?1 AND key = ?2 AND error_class IS NOT 'validation'"
+            "SELECT min(line) FROM rows WHERE run_id = ?1 AND key = ?2 AND error_class IS NOT 'validation' AND state IS NOT 'skipped'"
         })?;
         let l: Option<i64> = st.query_row(params![run, email], |r| r.get(0))?;
         Ok(l.map(|l| l as u64))
@@ -894,8 +909,40 @@ impl Checkpoint {
                     .prepare_cached("DELETE FROM outcomes WHERE run_id = ?1 AND line = ?2")?;
                 st.execute(params![run, *line as i64])?;
             }
+            RowUpdate::Skipped {
+                line,
+                class,
+                key,
+                message,
+            } => {
+                let mut st = self.conn.prepare_cached(
+                    "INSERT INTO rows (run_id, line, key, state, action, error_class, message)
+                     VALUES (?1, ?2, ?3, 'skipped', 'skipped', ?4, ?5)
+                     ON CONFLICT (run_id, line) DO UPDATE SET key = excluded.key, state = 'skipped',
+                       action = 'skipped', error_class = excluded.error_class, message = excluded.message, intent = NULL",
+                )?;
+                st.execute(params![run, *line as i64, key, class, message])?;
+            }
         }
         Ok(())
+    }
+
+    /// Why the run's rows were skipped, each reason with its count, most
+    /// frequent first.
+    pub fn skip_reasons(&self, run: i64) -> anyhow::Result<Vec<(String, u64)>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT message, count(*) FROM rows WHERE run_id = ?1 AND state = 'skipped' \
+             GROUP BY message ORDER BY count(*) DESC, message",
+        )?;
+        let v = st
+            .query_map([run], |r| {
+                Ok((
+                    r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+                    r.get::<_, i64>(1)? as u64,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(v)
     }
 
     /// Rows still to do, from `after_line` on, in line order: (line, was it
@@ -930,13 +977,18 @@ impl Checkpoint {
                     c.pending += 1;
                 }
                 "pending" | "done" => c.pending += 1,
-                action => c.add_done(action),
+                k => match k.strip_prefix("skipped:") {
+                    Some(class) => Counts::add(&mut c.skipped, class),
+                    None => Counts::add(&mut c.done, k),
+                },
             }
         }
         let mut c = Counts::default();
         let mut st = self
             .conn
-            .prepare_cached("SELECT COALESCE(action, state) FROM rows WHERE run_id = ?1")?;
+            .prepare_cached(
+            "SELECT CASE state WHEN 'skipped' THEN 'skipped:' || error_class ELSE COALESCE(action, state) END FROM rows WHERE run_id = ?1",
+        )?;
         let mut rows = st.query([run])?;
         while let Some(r) = rows.next()? {
             tally(&mut c, r.get_ref(0)?.as_str()?);

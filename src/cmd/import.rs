@@ -14,7 +14,10 @@ pub fn options(a: &ImportArgs, beta: &str) -> ImportOptions {
     let mut o = ImportOptions::new(beta, Source::parse(&a.file), a.checkpoint.clone());
     o.mode = a.mode.into();
     o.map = a.map.clone();
-    o.default_status = a.status.trim().to_lowercase();
+    o.preset = a.preset.clone();
+    o.mailchimp_list = a.mailchimp_list;
+    o.include_flagged = a.include_flagged;
+    o.default_status = a.status.as_ref().map(|s| s.trim().to_lowercase());
     o.concurrency = a.concurrency;
     o.dry_run = a.dry_run;
     o.errors = a.errors.clone();

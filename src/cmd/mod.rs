@@ -4,4 +4,5 @@ pub mod check;
 pub mod demo;
 pub mod export;
 pub mod import;
+pub mod preset;
 pub mod sandbox;

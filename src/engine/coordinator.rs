@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::events::{Event, Subscribers};
-use super::{Cost, Intent, Operation, cells_json, duplicate_message, validation_error};
+use super::{
+    Cost, Intent, Operation, Parsed, cells_json, duplicate_message, skipped, validation_error,
+};
 use crate::api::Client;
 use crate::checkpoint::{Checkpoint, RowUpdate};
 use crate::input::CsvInput;
@@ -143,7 +145,13 @@ impl<O: Operation> RowSource<O> {
                 }
             };
             let mut row = match self.op.parse(&r.fields) {
-                Ok(row) => row,
+                Ok(Parsed::Row(row)) => row,
+                Ok(Parsed::Skip { class, key, reason }) => {
+                    if self.plan_too {
+                        b.invalid.push(skipped(r.line, class, key, reason));
+                    }
+                    continue;
+                }
                 Err(msg) => {
                     if self.plan_too {
                         b.invalid.push(validation_error(r.line, msg, &r.fields));
@@ -325,7 +333,12 @@ pub(super) async fn coordinate<O: Operation>(
         ck.apply_all(run, &updates)?;
         let mut finished = updates
             .iter()
-            .filter(|u| matches!(u, RowUpdate::Done { .. } | RowUpdate::Rejected { .. }))
+            .filter(|u| {
+                matches!(
+                    u,
+                    RowUpdate::Done { .. } | RowUpdate::Rejected { .. } | RowUpdate::Skipped { .. }
+                )
+            })
             .count() as u64;
         held_since = None;
         if want_rows {

@@ -67,6 +67,21 @@ pub enum Doubt {
     OutcomeUnknown(Intent),
 }
 
+/// What an operation made of a record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Parsed<R> {
+    Row(R),
+    /// Kept out of the run by a rule (spam, an unsubscribed person): not
+    /// sent and not an error, counted by `class` and reported with
+    /// `reason`. A skipped row is as if it were not in the file: it takes
+    /// no part in the duplicate check.
+    Skip {
+        class: &'static str,
+        key: Option<String>,
+        reason: String,
+    },
+}
+
 /// What a row needs, decided by the operation (after a lookup if need be).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -134,12 +149,15 @@ pub trait Operation: Send + Sync + Sized + 'static {
     /// from the checkpoint (`None` for one it does not know).
     fn intent(&self, name: &str) -> Option<(Intent, &'static str)>;
 
-    /// The input's header row, before any record (an operation that maps
-    /// columns builds its mapping here; an error refuses the run).
-    fn headers(&mut self, headers: &[String]) -> anyhow::Result<()>;
+    /// The input, opened, before any record is planned: its header row
+    /// (an operation that maps columns builds its mapping here) and, if
+    /// the operation wants, its first records (a date column whose first
+    /// cells match no format stops the run here). An error refuses the run
+    /// before any call.
+    fn start(&mut self, input: &mut CsvInput) -> anyhow::Result<()>;
 
     /// Parses and checks one record; `Err` rejects it with that message.
-    fn parse(&self, cells: &csv::StringRecord) -> Result<Self::Row, String>;
+    fn parse(&self, cells: &csv::StringRecord) -> Result<Parsed<Self::Row>, String>;
 
     /// The row's key, for duplicates within a file and for the reports.
     fn key<'r>(&self, row: &'r Self::Row) -> &'r str;
@@ -211,6 +229,13 @@ pub trait Operation: Send + Sync + Sized + 'static {
         intent: Intent,
     ) -> impl Future<Output = Result<Sent, ApiError>> + Send;
 
+    /// The settings that shape what is sent, once started (the mapping,
+    /// the status of new users, ...). Stored with the run; a resume whose
+    /// settings differ is refused, naming each difference.
+    fn settings(&self) -> serde_json::Map<String, Value> {
+        serde_json::Map::new()
+    }
+
     /// Notes for the summary (how emails were resolved, ...).
     fn notes(&self) -> serde_json::Map<String, Value> {
         serde_json::Map::new()
@@ -233,9 +258,6 @@ pub struct RunOptions {
     pub max_duration: Option<Duration>,
     pub encoding: Option<Encoding>,
     pub delimiter: Option<u8>,
-    /// Settings that shape what is sent, stored with the run: a resume with
-    /// other settings is refused, naming each difference.
-    pub settings: serde_json::Map<String, Value>,
     /// The operation's own options, stored with the run for the record.
     pub options: Value,
 }
@@ -255,6 +277,11 @@ pub struct RunSummary {
     #[serde(flatten)]
     pub actions: serde_json::Map<String, Value>,
     pub rejected: u64,
+    /// Rows a rule kept out, per class (`flagged`, `would_suppress`).
+    pub skipped: serde_json::Map<String, Value>,
+    /// Each reason rows were skipped for, with its count, most frequent
+    /// first.
+    pub skip_reasons: Vec<(String, u64)>,
     pub pending: u64,
     pub api_calls: u64,
     pub throttled: u64,
@@ -313,6 +340,23 @@ impl std::fmt::Display for RunSummary {
             parts.push(format!("not done yet {}", self.pending));
         }
         writeln!(f, "  {}", parts.join(", "))?;
+        if !self.skipped.is_empty() {
+            let skipped: Vec<String> = self
+                .skipped
+                .iter()
+                .map(|(class, n)| match class.as_str() {
+                    "flagged" => format!("skipped as flagged {n}"),
+                    "would_suppress" => format!(
+                        "would be suppressed {n} (not imported: suppressions cannot be sent yet)"
+                    ),
+                    other => format!("skipped ({other}) {n}"),
+                })
+                .collect();
+            writeln!(f, "  {}", skipped.join(", "))?;
+            for (reason, n) in &self.skip_reasons {
+                writeln!(f, "    {n} {reason}")?;
+            }
+        }
         writeln!(
             f,
             "  API calls {}, throttled answers {}, retries {}, time {:.1}s",
@@ -421,9 +465,9 @@ pub async fn run<O: Operation>(
         crate::output::check_outputs(source.path(), &outputs)?;
     }
 
-    let csv = CsvInput::open(&source, opts.encoding, opts.delimiter)?;
+    let mut csv = CsvInput::open(&source, opts.encoding, opts.delimiter)?;
     let found_delimiter = csv.format.delimiter;
-    op.headers(&csv.headers)?;
+    op.start(&mut csv)?;
     drop(csv);
     // The fingerprint and, when the run may be a single pass, its total
     // (the record count) each read the whole file before the first call:
@@ -460,12 +504,29 @@ pub async fn run<O: Operation>(
     };
     let ck = Checkpoint::open(&ck_path)?;
 
+    // What shapes the rows sent: the operation's settings, and how the
+    // input is read.
+    let mut settings = op.settings();
+    settings.insert(
+        "--encoding".into(),
+        Value::String(match opts.encoding {
+            None => "detected".into(),
+            Some(e) => format!("{e:?}").to_lowercase(),
+        }),
+    );
+    settings.insert(
+        "--delimiter".into(),
+        Value::String(
+            opts.delimiter
+                .map_or("detected".into(), |d| format!("{:?}", char::from(d))),
+        ),
+    );
     let options_json = {
         let mut v = opts.options.clone();
         if !v.is_object() {
             v = Value::Object(Default::default());
         }
-        v["settings"] = Value::Object(opts.settings.clone());
+        v["settings"] = Value::Object(settings.clone());
         v.to_string()
     };
     let mut resumed = false;
@@ -479,7 +540,7 @@ pub async fn run<O: Operation>(
                     r.id
                 )));
             }
-            let differences = settings_differ(&r.options, &opts.settings);
+            let differences = settings_differ(&r.options, &settings);
             if !differences.is_empty() {
                 return Err(usage(format!(
                     "run {} on {} stopped with other settings than these: {}; \
@@ -638,6 +699,20 @@ pub async fn run<O: Operation>(
         total_rows,
         actions,
         rejected: counts.rejected,
+        // Classes in a fixed order, whatever the rows met first.
+        skipped: {
+            let mut classes = counts.skipped.clone();
+            classes.sort();
+            classes
+                .into_iter()
+                .map(|(c, n)| (c, Value::from(n)))
+                .collect()
+        },
+        skip_reasons: if counts.skipped.is_empty() {
+            vec![]
+        } else {
+            ck.skip_reasons(run)?
+        },
         pending,
         api_calls: stats.requests.load(Ordering::Relaxed) - before_calls.0,
         throttled: stats.throttled.load(Ordering::Relaxed) - before_calls.1,
@@ -703,7 +778,10 @@ fn plan<O: Operation>(
             Err(bad) => ck.apply(run, &validation_error(bad.line, bad.message, &bad.fields))?,
             Ok(r) => match op.parse(&r.fields) {
                 Err(msg) => ck.apply(run, &validation_error(r.line, msg, &r.fields))?,
-                Ok(row) => match ck.plan_row(run, r.line, op.key(&row))? {
+                Ok(Parsed::Skip { class, key, reason }) => {
+                    ck.apply(run, &skipped(r.line, class, key, reason))?
+                }
+                Ok(Parsed::Row(row)) => match ck.plan_row(run, r.line, op.key(&row))? {
                     Some(first) => ck.apply(
                         run,
                         &validation_error(
@@ -732,6 +810,16 @@ fn plan<O: Operation>(
     }
     ck.commit()?;
     Ok(totals)
+}
+
+/// A row a rule keeps out of the run.
+fn skipped(line: u64, class: &'static str, key: Option<String>, reason: String) -> RowUpdate {
+    RowUpdate::Skipped {
+        line,
+        class,
+        key,
+        message: reason,
+    }
 }
 
 /// A row refused before any call.

@@ -9,6 +9,7 @@
 //! once.
 
 pub mod mapping;
+pub mod presets;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,13 +23,13 @@ pub use crate::engine::default_errors_path;
 use crate::engine::events::{Subscriber, SummaryJson};
 use crate::engine::report::Reports;
 use crate::engine::{RunOptions, RunSummary, Subscribers};
-use crate::exit::usage;
 pub use crate::input;
-use crate::ops::testers_import::TestersImport;
 pub use crate::ops::testers_import::{Mode, Resolve};
+use crate::ops::testers_import::{TestersImport, check_default_status};
 use crate::stop::Stop;
 use input::{Encoding, Source};
-use mapping::{EMAILING_STATUSES, EmptyCells};
+use mapping::EmptyCells;
+use presets::MailchimpList;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ImportOptions {
@@ -37,8 +38,15 @@ pub struct ImportOptions {
     pub source: Source,
     pub mode: Mode,
     pub map: Option<PathBuf>,
-    /// Status for new users.
-    pub default_status: String,
+    /// A preset's name, or `auto`; `map` overrides its entries.
+    pub preset: Option<String>,
+    /// Which Mailchimp list the input is (else told from its file name).
+    pub mailchimp_list: Option<MailchimpList>,
+    /// Import rows that `skip_if` rules would skip.
+    pub include_flagged: bool,
+    /// Status for new users; `None`: the map's `default_status`, else
+    /// `imported`.
+    pub default_status: Option<String>,
     pub concurrency: usize,
     pub dry_run: bool,
     pub checkpoint: PathBuf,
@@ -67,7 +75,10 @@ impl ImportOptions {
             source,
             mode: Mode::Upsert,
             map: None,
-            default_status: "imported".into(),
+            preset: None,
+            mailchimp_list: None,
+            include_flagged: false,
+            default_status: None,
             concurrency: 8,
             dry_run: false,
             checkpoint,
@@ -99,6 +110,15 @@ pub struct ImportSummary {
     pub updated: u64,
     pub unchanged: u64,
     pub rejected: u64,
+    /// Rows a `skip_if` rule kept out (spam, fraud).
+    pub skipped_flagged: u64,
+    /// Rows of people who left (opted out, unsubscribed, cleaned): kept out
+    /// until suppressions can be sent.
+    pub would_suppress: u64,
+    /// Each reason rows were skipped for, with its count.
+    pub skip_reasons: Vec<(String, u64)>,
+    /// The preset used, if any.
+    pub preset: Option<String>,
     pub pending: u64,
     pub api_calls: u64,
     pub throttled: u64,
@@ -135,6 +155,18 @@ impl ImportSummary {
             updated: s.count("updated"),
             unchanged: s.count("unchanged"),
             rejected: s.rejected,
+            skipped_flagged: s
+                .skipped
+                .get("flagged")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+            would_suppress: s
+                .skipped
+                .get("would_suppress")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+            skip_reasons: s.skip_reasons.clone(),
+            preset: note("preset").as_str().map(str::to_string),
             pending: s.pending,
             api_calls: s.api_calls,
             throttled: s.throttled,
@@ -151,49 +183,6 @@ impl ImportSummary {
     }
 }
 
-/// What decides how rows are shaped and sent, stored with the run: a
-/// resume with other settings is refused, or one project would get part of
-/// a file under one mapping or status and the rest under another. The map
-/// is compared by content, not only by name.
-fn run_settings(opts: &ImportOptions) -> anyhow::Result<serde_json::Map<String, Value>> {
-    let map = match &opts.map {
-        Some(p) => {
-            let bytes = std::fs::read(p)
-                .map_err(|e| usage(format!("failed to read the map {}: {e}", p.display())))?;
-            Value::String(format!(
-                "{} (sha1 {})",
-                p.display(),
-                &sha1_smol::Sha1::from(&bytes).digest().to_string()[..12]
-            ))
-        }
-        None => Value::String("none".into()),
-    };
-    let mut m = serde_json::Map::new();
-    m.insert("--map".into(), map);
-    m.insert("--mode".into(), serde_json::to_value(opts.mode)?);
-    m.insert(
-        "--status".into(),
-        Value::String(opts.default_status.clone()),
-    );
-    m.insert("--allow-emails".into(), Value::Bool(opts.allow_emails));
-    m.insert("--empty".into(), serde_json::to_value(opts.empty)?);
-    m.insert(
-        "--encoding".into(),
-        Value::String(match opts.encoding {
-            None => "detected".into(),
-            Some(e) => format!("{e:?}").to_lowercase(),
-        }),
-    );
-    m.insert(
-        "--delimiter".into(),
-        Value::String(
-            opts.delimiter
-                .map_or("detected".into(), |d| format!("{d:?}")),
-        ),
-    );
-    Ok(m)
-}
-
 /// Runs an import to its end, or until `stop`. `progress` (and the
 /// reports, and the summary JSON when asked) subscribe to its events.
 pub async fn import(
@@ -202,26 +191,19 @@ pub async fn import(
     stop: Stop,
     progress: Arc<dyn Subscriber>,
 ) -> anyhow::Result<ImportSummary> {
-    if !mapping::STATUSES.contains(&opts.default_status.as_str()) {
-        return Err(usage(format!(
-            "unknown --status {:?}; expected one of {}",
-            opts.default_status,
-            mapping::STATUSES.join(", ")
-        )));
-    }
-    if EMAILING_STATUSES.contains(&opts.default_status.as_str()) && !opts.allow_emails {
-        return Err(usage(format!(
-            "--status {} makes Prefinery email every new user; add --allow-emails if that is what you want",
-            opts.default_status
-        )));
+    if let Some(s) = &opts.default_status {
+        check_default_status(s, "--status", opts.allow_emails)?;
     }
     let delimiter = opts.delimiter.map(|c| c as u8);
     let mut op = TestersImport::new(client.clone(), opts.beta.clone());
     op.mode = opts.mode;
     op.resolve = opts.resolve;
-    op.default_status = opts.default_status.clone();
+    op.status = opts.default_status.clone();
     op.allow_emails = opts.allow_emails;
     op.map = opts.map.clone();
+    op.preset = opts.preset.clone();
+    op.mailchimp_list = opts.mailchimp_list;
+    op.include_flagged = opts.include_flagged;
     op.empty = opts.empty;
     op.strict = opts.strict;
     let run_opts = RunOptions {
@@ -237,7 +219,6 @@ pub async fn import(
         max_duration: opts.max_duration,
         encoding: opts.encoding,
         delimiter,
-        settings: run_settings(opts)?,
         options: serde_json::to_value(opts)?,
     };
     let mut subscribers = Subscribers::default()

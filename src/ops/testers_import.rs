@@ -15,9 +15,11 @@ use serde_json::Value;
 
 use crate::api::{ApiError, Client, Op, PAGE_SIZE, RateClass, Tester, TesterInput};
 use crate::checkpoint::Checkpoint;
-use crate::engine::{Cost, Decision, Doubt, Effect, Intent, Operation, Prepare, Sent};
+use crate::engine::{Cost, Decision, Doubt, Effect, Intent, Operation, Parsed, Prepare, Sent};
 use crate::exit::{StoppedError, usage};
-use crate::import::mapping::{self, EMAILING_STATUSES, EmptyCells, Mapping};
+use crate::import::mapping::{self, EMAILING_STATUSES, EmptyCells, MapSource, Mapped, Mapping};
+use crate::import::presets::MailchimpList;
+use crate::input::{CsvInput, Source};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Mode {
@@ -48,6 +50,14 @@ pub struct TestersImport {
     pub allow_emails: bool,
     /// The `--map` file, read once the header row is known.
     pub map: Option<PathBuf>,
+    /// A preset's name, or `auto`; `map` overrides its entries.
+    pub preset: Option<String>,
+    /// Which Mailchimp list the input is (else told from its file name).
+    pub mailchimp_list: Option<MailchimpList>,
+    /// Import rows that `skip_if` rules would skip.
+    pub include_flagged: bool,
+    /// `--status`, which wins over the map's `default_status`.
+    pub status: Option<String>,
     pub empty: EmptyCells,
     /// Refuse columns that map to nothing.
     pub strict: bool,
@@ -64,6 +74,10 @@ impl TestersImport {
             default_status: "imported".into(),
             allow_emails: false,
             map: None,
+            preset: None,
+            mailchimp_list: None,
+            include_flagged: false,
+            status: None,
             empty: EmptyCells::Keep,
             strict: false,
             mapping: None,
@@ -140,10 +154,40 @@ impl Operation for TestersImport {
         }
     }
 
-    /// The header row decides the mapping: the columns that map to nothing
-    /// are warned about (or refused with `--strict`) before any call.
-    fn headers(&mut self, headers: &[String]) -> anyhow::Result<()> {
-        let mapping = Mapping::build(headers, self.map.as_deref(), self.empty)?;
+    /// The header row decides the mapping (a preset's, `--map`'s, or the
+    /// two together): columns that map to nothing are warned about (or
+    /// refused with `--strict`), the status of new users is settled, and a
+    /// date column whose first cells match none of its formats stops the
+    /// run here, before any call (not dozens of rejected rows later).
+    fn start(&mut self, input: &mut CsvInput) -> anyhow::Result<()> {
+        let file_name = input
+            .source
+            .path()
+            .filter(|_| matches!(input.source, Source::File(_)))
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned());
+        let mapping = Mapping::from_source(
+            &input.headers,
+            &MapSource {
+                map: self.map.as_deref(),
+                preset: self.preset.as_deref(),
+                file_name: file_name.as_deref(),
+                mailchimp_list: self.mailchimp_list,
+                include_flagged: self.include_flagged,
+                empty: self.empty,
+            },
+        )?;
+        for note in &mapping.notes {
+            tracing::info!("{note}");
+        }
+        self.default_status = match (&self.status, &mapping.default_status) {
+            (Some(s), _) => s.clone(),
+            (None, Some(s)) => {
+                check_default_status(s, "the map's default_status", self.allow_emails)?;
+                s.clone()
+            }
+            (None, None) => "imported".to_string(),
+        };
         if !mapping.unmapped.is_empty() {
             let list = mapping.unmapped.join(", ");
             if self.strict {
@@ -155,20 +199,40 @@ impl Operation for TestersImport {
                 "these columns map to nothing and are ignored: {list} (use --map to map them, --strict to refuse)"
             );
         }
+        let mut probe = mapping.date_probe();
+        while !probe.satisfied() {
+            match input.next_record()? {
+                Some(Ok(r)) => probe.feed(r.line, &r.fields),
+                Some(Err(_)) => {}
+                None => break,
+            }
+        }
+        probe
+            .finish()
+            .map_err(|e| usage(format!("{}: {e}", input.source.display())))?;
         self.mapping = Some(mapping);
         Ok(())
     }
 
-    fn parse(&self, cells: &csv::StringRecord) -> Result<ImportRow, String> {
-        let row = self.mapping().apply(cells)?;
-        Ok(ImportRow {
+    fn parse(&self, cells: &csv::StringRecord) -> Result<Parsed<ImportRow>, String> {
+        let row = match self.mapping().apply(cells)? {
+            Mapped::Row(row) => row,
+            Mapped::Skip(skip) => {
+                return Ok(Parsed::Skip {
+                    class: skip.class.as_str(),
+                    key: skip.email_key,
+                    reason: skip.reason,
+                });
+            }
+        };
+        Ok(Parsed::Row(ImportRow {
             email_key: row.email_key,
             input: row.input,
             known: None,
             learnt: None,
             defaulted: false,
             change: None,
-        })
+        }))
     }
 
     fn key<'r>(&self, row: &'r ImportRow) -> &'r str {
@@ -401,6 +465,49 @@ impl Operation for TestersImport {
         }
     }
 
+    /// The map is compared by content, not only by name; the status of new
+    /// users as it came out of `--status`, the map and the preset.
+    fn settings(&self) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        let map = match &self.map {
+            Some(p) => {
+                let digest = std::fs::read(p)
+                    .map(|b| sha1_smol::Sha1::from(&b).digest().to_string())
+                    .unwrap_or_default();
+                format!("{} (sha1 {})", p.display(), &digest[..digest.len().min(12)])
+            }
+            None => "none".into(),
+        };
+        m.insert("--map".into(), Value::String(map));
+        let preset = self.mapping.as_ref().and_then(|m| m.preset.clone());
+        m.insert(
+            "--preset".into(),
+            Value::String(preset.unwrap_or_else(|| "none".into())),
+        );
+        m.insert(
+            "--mode".into(),
+            serde_json::to_value(self.mode).unwrap_or_default(),
+        );
+        m.insert(
+            "--status".into(),
+            Value::String(self.default_status.clone()),
+        );
+        m.insert("--allow-emails".into(), Value::Bool(self.allow_emails));
+        m.insert(
+            "--empty".into(),
+            serde_json::to_value(self.empty).unwrap_or_default(),
+        );
+        m.insert(
+            "--include-flagged".into(),
+            Value::Bool(self.include_flagged),
+        );
+        m.insert(
+            "--mailchimp-list".into(),
+            serde_json::to_value(self.mailchimp_list).unwrap_or_default(),
+        );
+        m
+    }
+
     fn notes(&self) -> serde_json::Map<String, Value> {
         let mut m = serde_json::Map::new();
         m.insert(
@@ -415,6 +522,13 @@ impl Operation for TestersImport {
             ),
         );
         m.insert(
+            "preset".into(),
+            self.mapping
+                .as_ref()
+                .and_then(|m| m.preset.clone())
+                .map_or(Value::Null, Value::String),
+        );
+        m.insert(
             "unmapped_columns".into(),
             Value::from(
                 self.mapping
@@ -425,6 +539,23 @@ impl Operation for TestersImport {
         );
         m
     }
+}
+
+/// Refuses a status for new users that is unknown, or that emails people
+/// without `--allow-emails`.
+pub fn check_default_status(s: &str, from: &str, allow_emails: bool) -> anyhow::Result<()> {
+    if !mapping::STATUSES.contains(&s) {
+        return Err(usage(format!(
+            "unknown {from} {s:?}; expected one of {}",
+            mapping::STATUSES.join(", ")
+        )));
+    }
+    if EMAILING_STATUSES.contains(&s) && !allow_emails {
+        return Err(usage(format!(
+            "{from} {s} makes Prefinery email every new user; add --allow-emails if that is what you want"
+        )));
+    }
+    Ok(())
 }
 
 /// Lists every user of the project into the checkpoint.
