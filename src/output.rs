@@ -1,6 +1,7 @@
 //! Files written whole or not at all: a temporary file beside the final path,
 //! renamed over it once complete, so a crash never leaves a half-written file
-//! at the final path.
+//! at the final path. The temporary file is created `0600` (tempfile's
+//! default), and keeps that mode when renamed: these files hold personal data.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};

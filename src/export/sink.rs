@@ -115,6 +115,7 @@ fn now_iso() -> String {
 }
 
 fn open_db(path: &Path) -> anyhow::Result<Connection> {
+    crate::fsutil::private_sqlite(path)?;
     let conn =
         Connection::open(path).with_context(|| format!("failed to open {}", path.display()))?;
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
@@ -558,8 +559,8 @@ impl Sink for FileSink {
             self.ck
                 .execute("DELETE FROM export_seen WHERE run_id = ?1", [id])?;
         }
-        let f = File::create(&self.spool_path)
-            .with_context(|| format!("failed to create {}", self.spool_path.display()))?;
+        // JSONL output is this file renamed: private from the start.
+        let f = crate::fsutil::create_private(&self.spool_path)?;
         self.spool = Some(BufWriter::with_capacity(256 * 1024, f));
         self.spool_len = 0;
         self.ck.execute(
