@@ -9,33 +9,36 @@
 //! exists keeps the mode its owner gave it.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use anyhow::Context;
 
-/// Owner read and write only.
-const PRIVATE: u32 = 0o600;
+/// Options that create a file readable and writable by its owner only.
+/// (Elsewhere than Unix, the platform's default.)
+fn private() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    o
+}
 
 /// Opens `path` for reading and writing, creating it `0600` if it is not
 /// there; never truncates.
 pub fn open_private(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
+    private()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .mode(PRIVATE)
         .open(path)
 }
 
 /// Creates `path` `0600` (or truncates it) for writing.
 pub fn create_private(path: &Path) -> anyhow::Result<File> {
-    OpenOptions::new()
+    private()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(PRIVATE)
         .open(path)
         .with_context(|| format!("failed to create {}", path.display()))
 }
@@ -47,7 +50,7 @@ pub fn private_sqlite(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
 

@@ -1,7 +1,6 @@
 //! Files written whole or not at all: a temporary file beside the final path,
 //! renamed over it once complete, so a crash never leaves a half-written file
-//! at the final path. The temporary file is created `0600` (tempfile's
-//! default), and keeps that mode when renamed: these files hold personal data.
+//! at the final path.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -33,13 +32,7 @@ impl AtomicFile {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let tmp = dir.join(format!(".{name}.partial"));
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let file = options
-            .open(&tmp)
-            .with_context(|| format!("failed to create {}", tmp.display()))?;
+        let file = crate::fsutil::create_private(&tmp)?;
         Ok(AtomicFile {
             file,
             tmp,

@@ -4,6 +4,7 @@
 //! shows a file created without an explicit mode; some are killed with
 //! kill -9 mid-run, so the SQLite files they leave (`-wal`, `-shm`) can be
 //! looked at.
+#![cfg(unix)]
 
 mod common;
 
