@@ -11,6 +11,7 @@ pub mod config;
 pub mod engine;
 pub mod exit;
 pub mod export;
+pub mod fsutil;
 pub mod import;
 pub mod input;
 pub mod lock;

@@ -2,7 +2,7 @@
 //! cron jobs, say) never write the same thing. The operating system releases
 //! it when the process dies, even by kill -9.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -20,12 +20,8 @@ impl RunLock {
         let mut name = target.as_os_str().to_owned();
         name.push(".lock");
         let path = PathBuf::from(name);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
+        // Private like the file it guards: it names the host and the process.
+        let mut file = crate::fsutil::open_private(&path)
             .map_err(|e| anyhow::anyhow!("failed to open the lock file {}: {e}", path.display()))?;
         match file.try_lock() {
             Ok(()) => {}

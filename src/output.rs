@@ -32,13 +32,7 @@ impl AtomicFile {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let tmp = dir.join(format!(".{name}.partial"));
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let file = options
-            .open(&tmp)
-            .with_context(|| format!("failed to create {}", tmp.display()))?;
+        let file = crate::fsutil::create_private(&tmp)?;
         Ok(AtomicFile {
             file,
             tmp,

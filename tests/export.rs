@@ -434,3 +434,224 @@ async fn progress_counts_pages_and_users_of_their_totals() {
         assert_eq!((items.done, items.total), (230, Some(total)));
     }
 }
+
+/// Stops the export once `after` pages are written, as a kill between two
+/// pages would, and records the snapshots.
+struct StopAfter {
+    after: u64,
+    stop: Stop,
+}
+
+impl Progress for StopAfter {
+    fn update(&self, s: &Snapshot) {
+        if s.done >= self.after {
+            self.stop.trigger();
+        }
+    }
+}
+
+/// The ids in a CSV or JSONL export, in file order.
+fn ids_in(path: &Path, format: Format) -> Vec<u64> {
+    match format {
+        Format::Csv => {
+            let mut rd = csv::Reader::from_path(path).unwrap();
+            let col = rd
+                .headers()
+                .unwrap()
+                .iter()
+                .position(|h| h == "id")
+                .unwrap();
+            rd.records()
+                .map(|r| r.unwrap()[col].parse().unwrap())
+                .collect()
+        }
+        _ => std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["id"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect(),
+    }
+}
+
+/// Regression: an export stopped mid-list, then users deleted from pages it
+/// had already read, then resumed. The list's size seen before the stop must
+/// survive in the checkpoint: the resumed run sees that the list changed,
+/// reads it once more from the start (users shifted onto pages already
+/// read), says it is not a consistent snapshot, and a SQLite export marks
+/// the deleted users deleted.
+#[tokio::test]
+async fn a_resumed_export_sees_the_list_changed_while_it_was_stopped() {
+    for format in [Format::Sqlite, Format::Csv, Format::Jsonl] {
+        let s = common::sandbox(SandboxConfig {
+            seed_testers: 230,
+            rate_scale: 0.0,
+            total_key: true,
+            ..Default::default()
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join(format!("users.{format:?}"));
+        let o = opts(Resource::Testers, format, &out);
+        let stop = Stop::default();
+        let first = export(
+            &common::unlimited_client(&s),
+            &o,
+            stop.clone(),
+            Arc::new(StopAfter {
+                after: 4,
+                stop: stop.clone(),
+            }),
+        )
+        .await
+        .unwrap();
+        assert!(!first.complete, "{format:?}: {first}");
+        assert_eq!(first.pages, 4, "{format:?}");
+
+        // Ten users from the pages already read leave: ten others shift
+        // back onto page 4, which will not be read again by a plain resume.
+        let gone: Vec<u64> = s.app.with_world(|w| {
+            let ids: Vec<u64> = w.project(1).users.keys().take(10).copied().collect();
+            for id in &ids {
+                w.delete_user(1, *id).unwrap();
+            }
+            ids
+        });
+
+        let sum = run(&s, &o).await;
+        let part = &sum.parts[0];
+        assert_eq!(part.resumed_from_page, 5, "{format:?}");
+        assert!(
+            sum.complete && part.reread && !part.consistent && !sum.consistent,
+            "{format:?}: {sum}"
+        );
+        let now: Vec<u64> = common::users(&s, 1)
+            .iter()
+            .map(|u| u["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(now.len(), 220);
+        match format {
+            Format::Sqlite => {
+                let conn = rusqlite::Connection::open(&out).unwrap();
+                let rows: Vec<(u64, Option<String>)> = conn
+                    .prepare("SELECT id, deleted_at FROM testers ORDER BY id")
+                    .unwrap()
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect();
+                let present: Vec<u64> = rows
+                    .iter()
+                    .filter(|(_, d)| d.is_none())
+                    .map(|(id, _)| *id)
+                    .collect();
+                let deleted: Vec<u64> = rows
+                    .iter()
+                    .filter(|(_, d)| d.is_some())
+                    .map(|(id, _)| *id)
+                    .collect();
+                assert_eq!(present, now, "no gap");
+                assert_eq!(deleted, gone, "the users who left are marked deleted");
+                assert_eq!(part.deleted, 10);
+            }
+            _ => {
+                let got = ids_in(&out, format);
+                let mut unique = got.clone();
+                unique.sort_unstable();
+                unique.dedup();
+                assert_eq!(unique.len(), got.len(), "{format:?}: no duplicate");
+                for id in &now {
+                    assert!(got.contains(id), "{format:?}: user {id} missing");
+                }
+            }
+        }
+    }
+}
+
+/// Deletes the first `n` users once `at` pages are written, and stops the
+/// export once `stop_at` pages are written.
+struct DeleteThenStop {
+    app: Arc<prefsync::sandbox::App>,
+    at: u64,
+    n: usize,
+    stop_at: u64,
+    stop: Stop,
+}
+
+impl Progress for DeleteThenStop {
+    fn update(&self, s: &Snapshot) {
+        if s.done == self.at {
+            self.app.with_world(|w| {
+                let first: Vec<u64> = w.project(1).users.keys().take(self.n).copied().collect();
+                for id in first {
+                    w.delete_user(1, id).unwrap();
+                }
+            });
+        }
+        if s.done >= self.stop_at {
+            self.stop.trigger();
+        }
+    }
+}
+
+/// An export stopped while it re-reads a list that changed: resumed, it
+/// goes on with the re-read (not a third pass), still says the export is
+/// not a consistent snapshot, and marks the users who left deleted.
+#[tokio::test]
+async fn an_export_stopped_during_its_reread_resumes_it() {
+    let s = common::sandbox(SandboxConfig {
+        seed_testers: 200,
+        rate_scale: 0.0,
+        total_key: true,
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("users.sqlite");
+    let o = opts(Resource::Testers, Format::Sqlite, &out);
+    let stop = Stop::default();
+    // 8 pages, then the first two of the re-read.
+    let first = export(
+        &common::unlimited_client(&s),
+        &o,
+        stop.clone(),
+        Arc::new(DeleteThenStop {
+            app: s.app.clone(),
+            at: 2,
+            n: 7,
+            stop_at: 10,
+            stop: stop.clone(),
+        }),
+    )
+    .await
+    .unwrap();
+    assert!(!first.complete && first.parts[0].reread, "{first}");
+
+    let sum = run(&s, &o).await;
+    let part = &sum.parts[0];
+    assert_eq!(part.resumed_from_page, 3);
+    assert!(sum.complete && part.reread && !sum.consistent, "{sum}");
+    assert_eq!((part.rows, part.deleted), (200, 7), "{sum}");
+    let conn = rusqlite::Connection::open(&out).unwrap();
+    let (present, deleted, runs): (u64, u64, u64) = conn
+        .query_row(
+            "SELECT (SELECT count(*) FROM testers WHERE deleted_at IS NULL),
+                    (SELECT count(*) FROM testers WHERE deleted_at IS NOT NULL),
+                    (SELECT count(*) FROM export_runs WHERE complete = 1 AND consistent = 0)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!((present, deleted, runs), (193, 7, 1));
+    let stray: u64 = conn
+        .query_row(
+            "SELECT count(*) FROM testers WHERE last_seen_run < 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(stray, 0, "every record is given its run back");
+}

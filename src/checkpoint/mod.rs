@@ -409,6 +409,7 @@ fn email_hash(email: &str) -> u64 {
 
 impl Checkpoint {
     pub fn open(path: &Path) -> anyhow::Result<Checkpoint> {
+        crate::fsutil::private_sqlite(path)?;
         let conn = Connection::open(path)
             .with_context(|| format!("failed to open the checkpoint {}", path.display()))?;
         Self::setup(conn, path)

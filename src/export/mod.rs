@@ -6,7 +6,9 @@
 //! records are deduplicated by id, and when the list's size changed between
 //! the first and the last page, the list is read once more from the start to
 //! pick up what shifted, and the summary says the export is not a consistent
-//! snapshot.
+//! snapshot. The sizes seen are checkpointed with the pages, so an export
+//! stopped (or killed) and resumed notices a change made while it was
+//! stopped the same way.
 
 pub mod resource;
 pub mod sink;
@@ -27,7 +29,7 @@ use crate::lock::RunLock;
 use crate::progress::{Items, Snapshot};
 use crate::stop::Stop;
 pub use resource::Resource;
-use sink::{CsvOptions, FileSink, Format, Part, Sink, SqliteSink};
+use sink::{CsvOptions, FileSink, Format, ListSize, Part, Sink, SqliteSink, Started};
 
 /// Projects exported at once: three at 60 a minute each fill the company's
 /// 180 a minute for testers lists.
@@ -316,7 +318,7 @@ fn adjust(total: &std::sync::atomic::AtomicU64, mine: &mut u64, new: u64) {
     *mine = new;
 }
 
-fn list_size(p: &Option<Pagination>) -> Option<(u64, Option<u64>)> {
+fn list_size(p: &Option<Pagination>) -> Option<ListSize> {
     p.as_ref()
         .and_then(|p| p.pages.map(|pages| (pages, p.total)))
 }
@@ -335,7 +337,13 @@ async fn export_part(
     shared: &Shared,
     fresh: bool,
 ) -> anyhow::Result<PartSummary> {
-    let (run, first_page, rows_before) = sink.lock().unwrap().start(part, fresh)?;
+    let Started {
+        run,
+        next_page: first_page,
+        rows: rows_before,
+        sizes,
+        reread,
+    } = sink.lock().unwrap().start(part, fresh)?;
     if first_page > 1 {
         tracing::info!(
             project = part.beta_id,
@@ -349,8 +357,8 @@ async fn export_part(
         rows: rows_before,
         pages: first_page - 1,
         complete: false,
-        consistent: true,
-        reread: false,
+        consistent: !reread,
+        reread,
         deleted: 0,
         resumed_from_page: first_page,
     };
@@ -362,10 +370,15 @@ async fn export_part(
         Resource::Suppressions => None,
     };
     let beta_opt = (!beta.is_empty()).then(|| beta.to_string());
-    let mut sizes_seen: Vec<(u64, Option<u64>)> = Vec::new();
+    // What the pass in progress saw before a stop counts as seen now: a list
+    // that changed while the export was stopped has shifted records across
+    // the pages already read. (A pass that starts at page 1 has read none.)
+    let mut sizes_seen: Vec<ListSize> = if first_page > 1 { sizes } else { vec![] };
     // This part's share of the run's totals so far: (pages, records).
     let mut counted = (0u64, 0u64);
     let mut passes = 0;
+    // One re-read at most, counting one begun before a stop.
+    let mut may_reread = !reread;
     let mut start = first_page;
     loop {
         passes += 1;
@@ -408,10 +421,10 @@ async fn export_part(
                 }
             }
             let t = Instant::now();
-            let new = sink
-                .lock()
-                .unwrap()
-                .page(run, part, &page.items, page.number + 1)?;
+            let new =
+                sink.lock()
+                    .unwrap()
+                    .page(run, part, &page.items, page.number + 1, &sizes_seen)?;
             shared
                 .local_ns
                 .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -452,7 +465,8 @@ async fn export_part(
         // A list whose size changed while it was read may have shifted
         // records across page boundaries: read it once more from the start.
         let changed = sizes_seen.len() > 1;
-        if changed && passes == 1 {
+        if changed && may_reread {
+            may_reread = false;
             tracing::warn!(
                 project = part.beta_id,
                 resource = part.resource.name(),
@@ -462,17 +476,20 @@ async fn export_part(
             summary.reread = true;
             summary.consistent = false;
             sizes_seen = sizes_seen.split_off(sizes_seen.len() - 1);
+            sink.lock().unwrap().reread(run, part, &sizes_seen)?;
             start = 1;
             continue;
         }
         break;
     }
-    // After a re-read the file holds every record that is there now, and
-    // may hold some that left while it was read: not a snapshot.
+    let last_pass_stable = sizes_seen.len() <= 1;
+    // After a re-read the output holds every record that is there now; a
+    // CSV or JSONL file may also hold some that left while it was read (a
+    // SQLite export marks them deleted): not a snapshot.
     summary.complete = true;
-    summary.deleted = sink
-        .lock()
-        .unwrap()
-        .finish(run, part, true, summary.consistent)?;
+    summary.deleted =
+        sink.lock()
+            .unwrap()
+            .finish(run, part, true, summary.consistent, last_pass_stable)?;
     Ok(summary)
 }

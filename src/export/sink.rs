@@ -4,6 +4,11 @@
 //! length. A resumed export truncates the spool to that length and goes on
 //! from the next page: no duplicate, no gap. Duplicates from shifting pages
 //! are dropped by id.
+//!
+//! The checkpoint also holds the list's sizes (`X-Pagination` pages and
+//! total) seen by the current pass and whether the list is being read once
+//! more, so a resumed export sees that the list changed while it was stopped
+//! exactly as an uninterrupted one would.
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -18,7 +23,45 @@ use super::resource::Resource;
 use crate::output::AtomicFile;
 use crate::sandbox::world::iso8601;
 
-pub const EXPORT_SCHEMA_VERSION: i64 = 1;
+/// The version of both the SQLite export and the CSV/JSONL checkpoint.
+/// 2: `list_sizes` and `reread` on `export_runs` and `export_files`.
+pub const EXPORT_SCHEMA_VERSION: i64 = 2;
+
+/// A list's size as `X-Pagination` tells it: pages, and records if known.
+pub type ListSize = (u64, Option<u64>);
+
+/// Where a part starts: a new run, or the one a stopped export left open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Started {
+    pub run: i64,
+    pub next_page: u64,
+    /// Records written by this run so far.
+    pub rows: u64,
+    /// The distinct sizes, in order, the current pass saw before the stop:
+    /// more than one means the list changed while it was read.
+    pub sizes: Vec<ListSize>,
+    /// The list is already being read once more from the start.
+    pub reread: bool,
+}
+
+impl Started {
+    fn new(run: i64) -> Started {
+        Started {
+            run,
+            next_page: 1,
+            rows: 0,
+            sizes: vec![],
+            reread: false,
+        }
+    }
+}
+
+/// `list_sizes` as stored: absent (a run from schema version 1) is unknown.
+fn parse_sizes(text: Option<String>) -> anyhow::Result<Vec<ListSize>> {
+    text.map(|t| serde_json::from_str(&t).context("failed to read list_sizes"))
+        .transpose()
+        .map(Option::unwrap_or_default)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -37,25 +80,31 @@ pub struct Part {
 }
 
 pub trait Sink: Send {
-    /// Starts (or resumes) a part; returns its run id, the next page and
-    /// the records written so far.
-    fn start(&mut self, part: &Part, fresh: bool) -> anyhow::Result<(i64, u64, u64)>;
-    /// Writes one page and records `next_page`; returns how many records
-    /// were new to this run.
+    /// Starts (or resumes) a part.
+    fn start(&mut self, part: &Part, fresh: bool) -> anyhow::Result<Started>;
+    /// Writes one page and records `next_page` and the sizes the current
+    /// pass has seen; returns how many records were new to this run.
     fn page(
         &mut self,
         run: i64,
         part: &Part,
         items: &[Value],
         next_page: u64,
+        sizes: &[ListSize],
     ) -> anyhow::Result<u64>;
-    /// Closes a part. `complete` when every page was read.
+    /// The list changed while it was read: it is read once more from page
+    /// 1, and the new pass has seen `sizes` so far.
+    fn reread(&mut self, run: i64, part: &Part, sizes: &[ListSize]) -> anyhow::Result<()>;
+    /// Closes a part. `complete` when every page was read; `last_pass_stable`
+    /// when the list kept its size through the last pass, so a record that
+    /// pass did not see is gone.
     fn finish(
         &mut self,
         run: i64,
         part: &Part,
         complete: bool,
         consistent: bool,
+        last_pass_stable: bool,
     ) -> anyhow::Result<u64>;
     /// Makes the output final (renames files into place).
     fn close(&mut self) -> anyhow::Result<()>;
@@ -66,6 +115,7 @@ fn now_iso() -> String {
 }
 
 fn open_db(path: &Path) -> anyhow::Result<Connection> {
+    crate::fsutil::private_sqlite(path)?;
     let conn =
         Connection::open(path).with_context(|| format!("failed to open {}", path.display()))?;
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
@@ -74,7 +124,9 @@ fn open_db(path: &Path) -> anyhow::Result<Connection> {
     Ok(conn)
 }
 
-fn check_version(conn: &Connection, path: &Path) -> anyhow::Result<i64> {
+/// Brings a file to [`EXPORT_SCHEMA_VERSION`], one step at a time, each in
+/// its own transaction.
+fn migrate(conn: &Connection, path: &Path, steps: &[(i64, String)]) -> anyhow::Result<()> {
     let v: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if v > EXPORT_SCHEMA_VERSION {
         bail!(
@@ -82,7 +134,16 @@ fn check_version(conn: &Connection, path: &Path) -> anyhow::Result<i64> {
             path.display()
         );
     }
-    Ok(v)
+    for (to, sql) in steps {
+        if v < *to {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(sql)
+                .with_context(|| format!("failed to migrate {} to version {to}", path.display()))?;
+            tx.pragma_update(None, "user_version", to)?;
+            tx.commit()?;
+        }
+    }
+    Ok(())
 }
 
 // ---- SQLite output ---------------------------------------------------------
@@ -96,81 +157,102 @@ pub struct SqliteSink {
 impl SqliteSink {
     pub fn open(path: &Path) -> anyhow::Result<SqliteSink> {
         let conn = open_db(path)?;
-        if check_version(&conn, path)? < 1 {
-            let mut ddl = String::from(
-                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-                 CREATE TABLE IF NOT EXISTS export_runs (
-                    id INTEGER PRIMARY KEY,
-                    beta_id INTEGER NOT NULL,
-                    resource TEXT NOT NULL,
-                    filters TEXT NOT NULL,
-                    started_at TEXT NOT NULL,
-                    finished_at TEXT,
-                    complete INTEGER NOT NULL DEFAULT 0,
-                    consistent INTEGER,
-                    rows INTEGER NOT NULL DEFAULT 0,
-                    next_page INTEGER NOT NULL DEFAULT 1,
-                    deleted INTEGER NOT NULL DEFAULT 0
-                 );",
-            );
-            for r in [
-                Resource::Testers,
-                Resource::Rewards,
-                Resource::Suppressions,
-                Resource::Points,
-                Resource::Betas,
-            ] {
-                let typed: Vec<String> = r
-                    .sql_columns()
-                    .iter()
-                    .map(|(c, t)| format!("{c} {t}"))
-                    .collect();
-                ddl.push_str(&format!(
-                    "CREATE TABLE IF NOT EXISTS {t} (
-                        beta_id INTEGER NOT NULL,
-                        id INTEGER NOT NULL,
-                        {typed},
-                        record TEXT NOT NULL,
-                        first_seen_at TEXT NOT NULL,
-                        last_seen_at TEXT NOT NULL,
-                        last_seen_run INTEGER NOT NULL,
-                        deleted_at TEXT,
-                        PRIMARY KEY (beta_id, id)
-                    );",
-                    t = r.name(),
-                    typed = typed.join(", ")
-                ));
-                if let Some(c) = r.indexed() {
-                    ddl.push_str(&format!(
-                        "CREATE INDEX IF NOT EXISTS {t}_{c} ON {t}({c});",
-                        t = r.name()
-                    ));
-                }
-            }
-            conn.execute_batch(&ddl)?;
-            conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1), ('written_by', ?2)",
-                params![EXPORT_SCHEMA_VERSION.to_string(), concat!("prefsync ", env!("CARGO_PKG_VERSION"))],
-            )?;
-            conn.pragma_update(None, "user_version", EXPORT_SCHEMA_VERSION)?;
-        }
+        migrate(
+            &conn,
+            path,
+            &[(1, Self::schema_v1()), (2, Self::migrate_v2().into())],
+        )?;
         Ok(SqliteSink { conn })
+    }
+
+    fn schema_v1() -> String {
+        let mut ddl = String::from(
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS export_runs (
+                id INTEGER PRIMARY KEY,
+                beta_id INTEGER NOT NULL,
+                resource TEXT NOT NULL,
+                filters TEXT NOT NULL,
+                started_at TEXT NOT NULL,
+                finished_at TEXT,
+                complete INTEGER NOT NULL DEFAULT 0,
+                consistent INTEGER,
+                rows INTEGER NOT NULL DEFAULT 0,
+                next_page INTEGER NOT NULL DEFAULT 1,
+                deleted INTEGER NOT NULL DEFAULT 0
+             );",
+        );
+        for r in [
+            Resource::Testers,
+            Resource::Rewards,
+            Resource::Suppressions,
+            Resource::Points,
+            Resource::Betas,
+        ] {
+            let typed: Vec<String> = r
+                .sql_columns()
+                .iter()
+                .map(|(c, t)| format!("{c} {t}"))
+                .collect();
+            ddl.push_str(&format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    beta_id INTEGER NOT NULL,
+                    id INTEGER NOT NULL,
+                    {typed},
+                    record TEXT NOT NULL,
+                    first_seen_at TEXT NOT NULL,
+                    last_seen_at TEXT NOT NULL,
+                    last_seen_run INTEGER NOT NULL,
+                    deleted_at TEXT,
+                    PRIMARY KEY (beta_id, id)
+                );",
+                t = r.name(),
+                typed = typed.join(", ")
+            ));
+            if let Some(c) = r.indexed() {
+                ddl.push_str(&format!(
+                    "CREATE INDEX IF NOT EXISTS {t}_{c} ON {t}({c});",
+                    t = r.name()
+                ));
+            }
+        }
+        ddl.push_str(concat!(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', '1'), ('written_by', 'prefsync ",
+            env!("CARGO_PKG_VERSION"),
+            "');"
+        ));
+        ddl
+    }
+
+    /// A resumed run must know the list's size seen before the stop, and
+    /// whether it was already re-reading the list. Older runs have neither
+    /// (NULL, 0): they resume as before.
+    fn migrate_v2() -> &'static str {
+        "ALTER TABLE export_runs ADD COLUMN list_sizes TEXT;
+         ALTER TABLE export_runs ADD COLUMN reread INTEGER NOT NULL DEFAULT 0;
+         INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', '2');"
     }
 }
 
 impl Sink for SqliteSink {
-    fn start(&mut self, part: &Part, fresh: bool) -> anyhow::Result<(i64, u64, u64)> {
-        let open: Option<(i64, i64, i64)> = self
+    fn start(&mut self, part: &Part, fresh: bool) -> anyhow::Result<Started> {
+        let open: Option<(i64, i64, i64, Option<String>, bool)> = self
             .conn
             .query_row(
-                "SELECT id, next_page, rows FROM export_runs WHERE beta_id = ?1 AND resource = ?2 AND filters = ?3 AND complete = 0 ORDER BY id DESC LIMIT 1",
+                "SELECT id, next_page, rows, list_sizes, reread FROM export_runs WHERE beta_id = ?1 AND resource = ?2 AND filters = ?3 AND complete = 0 ORDER BY id DESC LIMIT 1",
                 params![part.beta_id, part.resource.name(), part.filters],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()?;
-        if let Some((id, next, rows)) = open {
+        if let Some((id, next, rows, sizes, reread)) = open {
             if !fresh {
-                return Ok((id, next as u64, rows as u64));
+                return Ok(Started {
+                    run: id,
+                    next_page: next as u64,
+                    rows: rows as u64,
+                    sizes: parse_sizes(sizes)?,
+                    reread,
+                });
             }
             self.conn.execute(
                 "UPDATE export_runs SET finished_at = ?2 WHERE id = ?1",
@@ -185,7 +267,7 @@ impl Sink for SqliteSink {
             "INSERT INTO export_runs (beta_id, resource, filters, started_at) VALUES (?1, ?2, ?3, ?4)",
             params![part.beta_id, part.resource.name(), part.filters, now_iso()],
         )?;
-        Ok((self.conn.last_insert_rowid(), 1, 0))
+        Ok(Started::new(self.conn.last_insert_rowid()))
     }
 
     fn page(
@@ -194,6 +276,7 @@ impl Sink for SqliteSink {
         part: &Part,
         items: &[Value],
         next_page: u64,
+        sizes: &[ListSize],
     ) -> anyhow::Result<u64> {
         let r = part.resource;
         let t = r.name();
@@ -226,7 +309,11 @@ impl Sink for SqliteSink {
                 if last == Some(run) {
                     continue;
                 }
-                new += 1;
+                // Seen by this run's first pass and again by its re-read:
+                // written again (it is still there), but not new.
+                if last != Some(-run) {
+                    new += 1;
+                }
                 let mut values: Vec<rusqlite::types::Value> = vec![
                     part.beta_id.into(),
                     id.into(),
@@ -251,11 +338,31 @@ impl Sink for SqliteSink {
             }
         }
         tx.execute(
-            "UPDATE export_runs SET next_page = ?2, rows = rows + ?3 WHERE id = ?1",
-            params![run, next_page as i64, new as i64],
+            "UPDATE export_runs SET next_page = ?2, rows = rows + ?3, list_sizes = ?4 WHERE id = ?1",
+            params![run, next_page as i64, new as i64, serde_json::to_string(sizes)?],
         )?;
         tx.commit()?;
         Ok(new)
+    }
+
+    /// What the first pass saw is set aside as `last_seen_run = -run`; the
+    /// re-read gives each record it sees `run` back, so at the end the
+    /// records still at `-run` are those that left while the list was read.
+    fn reread(&mut self, run: i64, part: &Part, sizes: &[ListSize]) -> anyhow::Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            &format!(
+                "UPDATE {} SET last_seen_run = -?2 WHERE beta_id = ?1 AND last_seen_run = ?2",
+                part.resource.name()
+            ),
+            params![part.beta_id, run],
+        )?;
+        tx.execute(
+            "UPDATE export_runs SET next_page = 1, reread = 1, consistent = 0, list_sizes = ?2 WHERE id = ?1",
+            params![run, serde_json::to_string(sizes)?],
+        )?;
+        tx.commit()?;
+        Ok(())
     }
 
     fn finish(
@@ -264,23 +371,44 @@ impl Sink for SqliteSink {
         part: &Part,
         complete: bool,
         consistent: bool,
+        last_pass_stable: bool,
     ) -> anyhow::Result<u64> {
+        let t = part.resource.name();
+        let tx = self.conn.transaction()?;
+        // A re-read that itself saw the list change may have missed records
+        // that shifted: what the first pass saw of them stands.
+        if !(complete && last_pass_stable) {
+            tx.execute(
+                &format!(
+                    "UPDATE {t} SET last_seen_run = ?2 WHERE beta_id = ?1 AND last_seen_run = -?2"
+                ),
+                params![part.beta_id, run],
+            )?;
+        }
         let mut deleted = 0;
         // Only a complete, unfiltered run sees everything, so only it can
         // tell that a record is gone.
         if complete && part.filters.is_empty() {
-            deleted = self.conn.execute(
+            deleted = tx.execute(
                 &format!(
-                    "UPDATE {} SET deleted_at = ?3 WHERE beta_id = ?1 AND last_seen_run != ?2 AND deleted_at IS NULL",
-                    part.resource.name()
+                    "UPDATE {t} SET deleted_at = ?3 WHERE beta_id = ?1 AND last_seen_run != ?2 AND deleted_at IS NULL"
                 ),
                 params![part.beta_id, run, now_iso()],
             )? as u64;
         }
-        self.conn.execute(
+        // The first pass did see the ones that left: `run` is when they
+        // were last seen.
+        tx.execute(
+            &format!(
+                "UPDATE {t} SET last_seen_run = ?2 WHERE beta_id = ?1 AND last_seen_run = -?2"
+            ),
+            params![part.beta_id, run],
+        )?;
+        tx.execute(
             "UPDATE export_runs SET complete = ?2, consistent = ?3, finished_at = ?4, deleted = ?5 WHERE id = ?1",
             params![run, i64::from(complete), consistent, now_iso(), deleted as i64],
         )?;
+        tx.commit()?;
         Ok(deleted)
     }
 
@@ -320,9 +448,13 @@ impl FileSink {
         csv: CsvOptions,
     ) -> anyhow::Result<FileSink> {
         let ck = open_db(checkpoint)?;
-        if check_version(&ck, checkpoint)? < 1 {
-            ck.execute_batch(
-                "CREATE TABLE IF NOT EXISTS export_files (
+        migrate(
+            &ck,
+            checkpoint,
+            &[
+                (
+                    1,
+                    "CREATE TABLE IF NOT EXISTS export_files (
                     id INTEGER PRIMARY KEY,
                     out_path TEXT NOT NULL,
                     beta_id INTEGER NOT NULL,
@@ -335,10 +467,19 @@ impl FileSink {
                     rows INTEGER NOT NULL DEFAULT 0,
                     complete INTEGER NOT NULL DEFAULT 0
                  );
-                 CREATE TABLE IF NOT EXISTS export_seen (run_id INTEGER NOT NULL, id INTEGER NOT NULL, PRIMARY KEY (run_id, id)) WITHOUT ROWID;",
-            )?;
-            ck.pragma_update(None, "user_version", EXPORT_SCHEMA_VERSION)?;
-        }
+                 CREATE TABLE IF NOT EXISTS export_seen (run_id INTEGER NOT NULL, id INTEGER NOT NULL, PRIMARY KEY (run_id, id)) WITHOUT ROWID;"
+                        .into(),
+                ),
+                // As for the SQLite export: the list's sizes seen before a
+                // stop, and whether the list was being read once more.
+                (
+                    2,
+                    "ALTER TABLE export_files ADD COLUMN list_sizes TEXT;
+                     ALTER TABLE export_files ADD COLUMN reread INTEGER NOT NULL DEFAULT 0;"
+                        .into(),
+                ),
+            ],
+        )?;
         let name = out
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -366,24 +507,32 @@ impl FileSink {
 }
 
 impl Sink for FileSink {
-    fn start(&mut self, part: &Part, fresh: bool) -> anyhow::Result<(i64, u64, u64)> {
+    fn start(&mut self, part: &Part, fresh: bool) -> anyhow::Result<Started> {
         self.resource = Some(part.resource);
         let out = self.out.display().to_string();
-        let open: Option<(i64, i64, i64, i64)> = self
+        let open: Option<(i64, i64, i64, i64, Option<String>, bool)> = self
             .ck
             .query_row(
-                "SELECT id, next_page, spool_bytes, rows FROM export_files WHERE out_path = ?1 AND beta_id = ?2 AND resource = ?3 AND filters = ?4 AND format = ?5 AND complete = 0 ORDER BY id DESC LIMIT 1",
+                "SELECT id, next_page, spool_bytes, rows, list_sizes, reread FROM export_files WHERE out_path = ?1 AND beta_id = ?2 AND resource = ?3 AND filters = ?4 AND format = ?5 AND complete = 0 ORDER BY id DESC LIMIT 1",
                 params![out, part.beta_id, part.resource.name(), part.filters, self.format_name()],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
             )
             .optional()?;
+        let open_run = open.as_ref().map(|o| o.0);
         let resumable = match open {
-            Some((id, next, bytes, rows)) if !fresh => {
+            Some((id, next, bytes, rows, sizes, reread)) if !fresh => {
                 let len = std::fs::metadata(&self.spool_path)
                     .map(|m| m.len())
                     .unwrap_or(0);
                 if len >= bytes as u64 {
-                    Some((id, next as u64, bytes as u64, rows as u64))
+                    let started = Started {
+                        run: id,
+                        next_page: next as u64,
+                        rows: rows as u64,
+                        sizes: parse_sizes(sizes)?,
+                        reread,
+                    };
+                    Some((started, bytes as u64))
                 } else {
                     tracing::warn!(
                         "the partial file {} is shorter than its checkpoint says; starting over",
@@ -394,7 +543,7 @@ impl Sink for FileSink {
             }
             _ => None,
         };
-        if let Some((id, next, bytes, rows)) = resumable {
+        if let Some((started, bytes)) = resumable {
             let f = OpenOptions::new().write(true).open(&self.spool_path)?;
             // Drop what was written after the last checkpointed page.
             f.set_len(bytes)?;
@@ -402,23 +551,23 @@ impl Sink for FileSink {
             f.seek(SeekFrom::End(0))?;
             self.spool = Some(BufWriter::with_capacity(256 * 1024, f));
             self.spool_len = bytes;
-            return Ok((id, next, rows));
+            return Ok(started);
         }
-        if let Some((id, ..)) = open {
+        if let Some(id) = open_run {
             self.ck
                 .execute("UPDATE export_files SET complete = -1 WHERE id = ?1", [id])?;
             self.ck
                 .execute("DELETE FROM export_seen WHERE run_id = ?1", [id])?;
         }
-        let f = File::create(&self.spool_path)
-            .with_context(|| format!("failed to create {}", self.spool_path.display()))?;
+        // JSONL output is this file renamed: private from the start.
+        let f = crate::fsutil::create_private(&self.spool_path)?;
         self.spool = Some(BufWriter::with_capacity(256 * 1024, f));
         self.spool_len = 0;
         self.ck.execute(
             "INSERT INTO export_files (out_path, beta_id, resource, filters, format, started_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![out, part.beta_id, part.resource.name(), part.filters, self.format_name(), now_iso()],
         )?;
-        Ok((self.ck.last_insert_rowid(), 1, 0))
+        Ok(Started::new(self.ck.last_insert_rowid()))
     }
 
     fn page(
@@ -427,6 +576,7 @@ impl Sink for FileSink {
         _part: &Part,
         items: &[Value],
         next_page: u64,
+        sizes: &[ListSize],
     ) -> anyhow::Result<u64> {
         let spool = self.spool.as_mut().expect("started");
         let tx = self.ck.transaction()?;
@@ -450,11 +600,21 @@ impl Sink for FileSink {
         // The spool's bytes reach the OS before the checkpoint says so.
         spool.flush()?;
         tx.execute(
-            "UPDATE export_files SET next_page = ?2, spool_bytes = ?3, rows = rows + ?4 WHERE id = ?1",
-            params![run, next_page as i64, self.spool_len as i64, new as i64],
+            "UPDATE export_files SET next_page = ?2, spool_bytes = ?3, rows = rows + ?4, list_sizes = ?5 WHERE id = ?1",
+            params![run, next_page as i64, self.spool_len as i64, new as i64, serde_json::to_string(sizes)?],
         )?;
         tx.commit()?;
         Ok(new)
+    }
+
+    /// The spool and the ids seen stay: the re-read appends only what the
+    /// first pass missed.
+    fn reread(&mut self, run: i64, _part: &Part, sizes: &[ListSize]) -> anyhow::Result<()> {
+        self.ck.execute(
+            "UPDATE export_files SET next_page = 1, reread = 1, list_sizes = ?2 WHERE id = ?1",
+            params![run, serde_json::to_string(sizes)?],
+        )?;
+        Ok(())
     }
 
     fn finish(
@@ -463,6 +623,7 @@ impl Sink for FileSink {
         _part: &Part,
         complete: bool,
         _consistent: bool,
+        _last_pass_stable: bool,
     ) -> anyhow::Result<u64> {
         let mut spool = self.spool.take().expect("started");
         spool.flush()?;
@@ -606,6 +767,59 @@ mod tests {
             cell(Some(&serde_json::json!(-5))),
             ("-5".to_string(), false)
         );
+    }
+
+    /// A version 1 export file with a run left open opens, is migrated to
+    /// version 2, and resumes the run (its list's size unknown, as before).
+    #[test]
+    fn a_version_1_export_is_migrated_and_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&SqliteSink::schema_v1()).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO export_runs (beta_id, resource, filters, started_at, rows, next_page) VALUES (1, 'testers', '', 'then', 50, 3)",
+                [],
+            )
+            .unwrap();
+        }
+        let mut sink = SqliteSink::open(&path).unwrap();
+        let part = Part {
+            beta_id: 1,
+            resource: Resource::Testers,
+            filters: String::new(),
+        };
+        let started = sink.start(&part, false).unwrap();
+        assert_eq!(
+            started,
+            Started {
+                run: 1,
+                next_page: 3,
+                rows: 50,
+                sizes: vec![],
+                reread: false
+            }
+        );
+        sink.page(
+            1,
+            &part,
+            &[serde_json::json!({"id": 7})],
+            4,
+            &[(9, Some(220))],
+        )
+        .unwrap();
+        assert_eq!(sink.start(&part, false).unwrap().sizes, [(9, Some(220))]);
+        let (v, meta): (i64, String) = sink
+            .conn
+            .query_row(
+                "SELECT (SELECT value FROM meta WHERE key = 'schema_version'), user_version FROM pragma_user_version",
+                [],
+                |r| Ok((r.get(1)?, r.get(0)?)),
+            )
+            .unwrap();
+        assert_eq!((v, meta.as_str()), (EXPORT_SCHEMA_VERSION, "2"));
     }
 
     #[test]
