@@ -137,6 +137,56 @@ pub enum Command {
     Preset(PresetCmd),
 }
 
+/// The flags every bulk operation takes (points, rewards, suppressions,
+/// deletes, check-ins): its input, its checkpoint and reports, and how it
+/// runs.
+#[derive(Debug, Clone, Args)]
+pub struct BulkArgs {
+    /// The CSV file (a header row is required); - reads standard input (no resume then).
+    #[arg(long, value_name = "PATH")]
+    pub file: String,
+    /// Column renames (TOML, `[columns] "Header in the file" = "email"`).
+    #[arg(long, value_name = "FILE")]
+    pub map: Option<PathBuf>,
+    /// Read what is needed, write nothing; print the counts and write the plan with --results.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Concurrent workers.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// The checkpoint database (one file holds many runs).
+    #[arg(
+        long,
+        default_value = "prefsync-checkpoint.sqlite",
+        value_name = "PATH"
+    )]
+    pub checkpoint: PathBuf,
+    /// The rejected-rows report (default: beside the checkpoint).
+    #[arg(long, value_name = "PATH")]
+    pub errors: Option<PathBuf>,
+    /// One line per input line: line, key, action, Prefinery id.
+    #[arg(long, value_name = "PATH")]
+    pub results: Option<PathBuf>,
+    /// Write the final summary as JSON here.
+    #[arg(long, value_name = "PATH")]
+    pub summary_json: Option<PathBuf>,
+    /// Start over instead of resuming; after a finished run, send the file again.
+    #[arg(long)]
+    pub fresh: bool,
+    /// Stop cleanly (resumable, exit 5) after this long, e.g. 30m, 2h.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub max_duration: Option<Duration>,
+    /// Input encoding (detected by default): utf-8 or windows-1252 (latin-1).
+    #[arg(long)]
+    pub encoding: Option<Encoding>,
+    /// Field delimiter (detected by default): , ; or tab (\t).
+    #[arg(long, value_parser = parse_delimiter)]
+    pub delimiter: Option<char>,
+    /// In the rejected-rows report, put a ' before cells that Excel would run as formulas.
+    #[arg(long)]
+    pub excel_safe: bool,
+}
+
 #[derive(Debug, Args)]
 pub struct PresetCmd {
     #[command(subcommand)]

@@ -463,6 +463,84 @@ pub fn open_input(path: &Path) -> anyhow::Result<File> {
     File::open(path).map_err(|e| usage(format!("failed to open the input {}: {e}", path.display())))
 }
 
+/// The columns an operation reads by name (`email`, `quantity`, ...): a
+/// header matches case-, space- and dash-insensitively, after the renames
+/// of a `--map` file (`[columns] "Points awarded" = "quantity"`). The
+/// report's own `prefsync_*` columns are left out, so an errors report
+/// feeds back in.
+#[derive(Debug, Clone, Default)]
+pub struct Columns {
+    index: std::collections::HashMap<String, usize>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenameFile {
+    #[serde(default)]
+    columns: std::collections::BTreeMap<String, String>,
+}
+
+fn column_name(s: &str) -> String {
+    s.trim()
+        .to_lowercase()
+        .chars()
+        .map(|c| if c == ' ' || c == '-' { '_' } else { c })
+        .collect()
+}
+
+impl Columns {
+    pub fn new(headers: &[String], map: Option<&Path>) -> anyhow::Result<Columns> {
+        let renames = match map {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| usage(format!("failed to read the map {}: {e}", p.display())))?;
+                let file: RenameFile = toml::from_str(&text)
+                    .map_err(|e| usage(format!("invalid map file {}: {e}", p.display())))?;
+                for header in file.columns.keys() {
+                    if !headers.iter().any(|h| h.trim() == header.trim()) {
+                        return Err(usage(format!(
+                            "the map {} names the column {header:?}, which the file does not have (its columns: {})",
+                            p.display(),
+                            headers.join(", ")
+                        )));
+                    }
+                }
+                file.columns
+            }
+            None => Default::default(),
+        };
+        let mut index = std::collections::HashMap::new();
+        for (i, h) in headers.iter().enumerate() {
+            if h.trim().starts_with("prefsync_") {
+                continue;
+            }
+            let name = renames
+                .get(h.trim())
+                .map_or_else(|| column_name(h), |to| column_name(to));
+            if let Some(first) = index.insert(name.clone(), i) {
+                return Err(usage(format!(
+                    "columns {} and {} both give {name:?}; rename or drop one",
+                    first + 1,
+                    i + 1
+                )));
+            }
+        }
+        Ok(Columns { index })
+    }
+
+    /// The column's index, if the file has it.
+    pub fn get(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    /// The row's cell in that column, trimmed; `None` when it is empty or
+    /// the file has no such column.
+    pub fn cell<'r>(&self, rec: &'r csv::StringRecord, name: &str) -> Option<&'r str> {
+        let v = rec.get(self.get(name)?)?.trim();
+        (!v.is_empty()).then_some(v)
+    }
+}
+
 /// Size and SHA-1 of a file, to refuse resuming a run on a changed input;
 /// read in the same pass, the file's quoting is checked (see
 /// [`QuoteScan`]): a quote that never closes refuses the file before the

@@ -542,6 +542,29 @@ impl Checkpoint {
             .optional()?)
     }
 
+    /// The latest run of this kind that finished this input (by content)
+    /// for this project; runs abandoned by `--fresh` do not count.
+    pub fn finished_run(
+        &self,
+        kind: &str,
+        input: &str,
+        beta: &str,
+        hash: &str,
+    ) -> anyhow::Result<Option<Run>> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!(
+                    "SELECT {} FROM runs WHERE kind = ?1 AND input_path = ?2 AND beta = ?3 AND input_hash = ?4 \
+                     AND state = 'done' AND options NOT LIKE '%(abandoned by --fresh)' ORDER BY id DESC LIMIT 1",
+                    Self::RUN_COLS
+                ),
+                params![kind, input, beta, hash],
+                Self::run_from_row,
+            )
+            .optional()?)
+    }
+
     pub fn run(&self, id: i64) -> anyhow::Result<Option<Run>> {
         Ok(self
             .conn

@@ -167,6 +167,14 @@ pub trait Operation: Send + Sync + Sized + 'static {
         "key"
     }
 
+    /// Whether sending a file again after a run finished it is harmless (an
+    /// upsert finds everything unchanged). When not (points added twice), a
+    /// finished file is not sent again: the run says so and does nothing,
+    /// unless `--fresh`, which first says how many records it sends again.
+    fn repeatable(&self) -> bool {
+        false
+    }
+
     /// Whether rows may be sent as they are read. `false` when the whole
     /// file must be checked first (a row may need a permission the run
     /// lacks: [`Operation::gate`]).
@@ -288,6 +296,9 @@ pub struct RunSummary {
     pub retries: u64,
     pub elapsed_secs: f64,
     pub stopped: bool,
+    /// The earlier run that had already done this whole file: this run did
+    /// nothing.
+    pub already_done_by: Option<i64>,
     pub errors_file: Option<String>,
     pub results_file: Option<String>,
     pub checkpoint: String,
@@ -376,6 +387,12 @@ impl std::fmt::Display for RunSummary {
                 f,
                 "  stopped before the end: run the same command again to resume (run {})",
                 self.run_id
+            )?;
+        }
+        if let Some(run) = self.already_done_by {
+            writeln!(
+                f,
+                "  nothing sent: run {run} already did this file (the counts are its own); --fresh sends it again"
             )?;
         }
         Ok(())
@@ -529,8 +546,35 @@ pub async fn run<O: Operation>(
         v["settings"] = Value::Object(settings.clone());
         v.to_string()
     };
+    let stdin = matches!(opts.source, Source::Stdin | Source::Spooled(_));
+    // A run left unfinished (say, a --fresh one killed) is resumed first.
+    let unfinished = ck.unfinished_run(op.kind(), &key, &opts.beta)?;
+    if !op.repeatable()
+        && !stdin
+        && !opts.dry_run
+        && unfinished.is_none()
+        && let Some(done) = ck.finished_run(op.kind(), &key, &opts.beta, &hash)?
+    {
+        let c = ck.counts(done.id)?;
+        let sent: u64 = c.done.iter().map(|(_, n)| n).sum();
+        if !opts.fresh {
+            tracing::warn!(
+                "run {} already did this file for project {} ({} rows done): nothing to do. \
+                 --fresh sends it again, doing its {sent} rows a second time",
+                done.id,
+                opts.beta,
+                sent
+            );
+            let summary = summary_of_done(&op, &ck, &done, opts, started)?;
+            return Ok((summary, Arc::new(op)));
+        }
+        tracing::warn!(
+            "--fresh: run {} already did this file; its {sent} rows are done a second time",
+            done.id
+        );
+    }
     let mut resumed = false;
-    let run = match ck.unfinished_run(op.kind(), &key, &opts.beta)? {
+    let run = match unfinished {
         Some(r) if !opts.fresh && !matches!(opts.source, Source::Stdin | Source::Spooled(_)) => {
             if r.input_size != Some(size) || r.input_hash.as_deref() != Some(hash.as_str()) {
                 return Err(usage(format!(
@@ -719,6 +763,7 @@ pub async fn run<O: Operation>(
         retries: stats.retries.load(Ordering::Relaxed) - before_calls.2,
         elapsed_secs: started.elapsed().as_secs_f64(),
         stopped,
+        already_done_by: None,
         errors_file: errors_file.as_ref().map(|p| p.display().to_string()),
         results_file: opts.results.as_ref().map(|p| p.display().to_string()),
         checkpoint: if opts.dry_run {
@@ -748,6 +793,51 @@ pub async fn run<O: Operation>(
         return Err(anyhow::Error::new(e).context(format!("the run stopped:\n{summary}")));
     }
     Ok((summary, op))
+}
+
+/// The summary of an earlier run that finished this file, for a run that
+/// does nothing.
+fn summary_of_done<O: Operation>(
+    op: &O,
+    ck: &Checkpoint,
+    done: &crate::checkpoint::Run,
+    opts: &RunOptions,
+    started: Instant,
+) -> anyhow::Result<RunSummary> {
+    let counts = ck.counts(done.id)?;
+    let mut actions = serde_json::Map::new();
+    for a in op.actions() {
+        actions.insert((*a).to_string(), Value::from(counts.action(a)));
+    }
+    Ok(RunSummary {
+        run_id: done.id,
+        kind: op.kind(),
+        input: opts.source.display(),
+        beta: opts.beta.clone(),
+        dry_run: false,
+        resumed: false,
+        total_rows: done.total_rows.unwrap_or(0) as u64,
+        actions,
+        rejected: counts.rejected,
+        skipped: counts
+            .skipped
+            .iter()
+            .map(|(c, n)| (c.clone(), Value::from(*n)))
+            .collect(),
+        skip_reasons: vec![],
+        pending: 0,
+        api_calls: 0,
+        throttled: 0,
+        retries: 0,
+        elapsed_secs: started.elapsed().as_secs_f64(),
+        stopped: false,
+        already_done_by: Some(done.id),
+        errors_file: None,
+        results_file: None,
+        checkpoint: opts.checkpoint.display().to_string(),
+        notes: serde_json::Map::new(),
+        fatal: None,
+    })
 }
 
 struct PlanTotals {

@@ -243,6 +243,11 @@ impl Operation for TestersImport {
         "email"
     }
 
+    /// An upsert sent again finds its users unchanged.
+    fn repeatable(&self) -> bool {
+        true
+    }
+
     /// Rows that may set a status that emails people must all be counted
     /// before anything is sent.
     fn single_pass(&self) -> bool {
