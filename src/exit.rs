@@ -86,7 +86,9 @@ pub fn exit_for(err: &anyhow::Error) -> Exit {
             return match api {
                 e if e.is_access_denied() => Exit::AccessDenied,
                 ApiError::ProjectNotFound { .. } => Exit::Usage,
-                ApiError::Throttled { .. } | ApiError::Cancelled { .. } => Exit::Resumable,
+                ApiError::Throttled { .. }
+                | ApiError::Unavailable { .. }
+                | ApiError::Cancelled { .. } => Exit::Resumable,
                 _ => Exit::Internal,
             };
         }
@@ -112,5 +114,11 @@ mod tests {
             6
         );
         assert_eq!(exit_for(&anyhow::anyhow!("boom")).code(), 1);
+        let unavailable = anyhow::Error::new(ApiError::Unavailable {
+            op: "create a user",
+            attempts: 8,
+            cause: "HTTP 503".into(),
+        });
+        assert_eq!(exit_for(&unavailable).code(), 5);
     }
 }

@@ -352,3 +352,136 @@ async fn every_error_class_has_its_message() {
     );
     assert!(!e.is_retryable());
 }
+
+/// Answers with the given templates in order, then with `then`.
+struct Script {
+    answers: Vec<ResponseTemplate>,
+    then: ResponseTemplate,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl Script {
+    fn new(answers: Vec<ResponseTemplate>, then: ResponseTemplate) -> Script {
+        Script {
+            answers,
+            then,
+            calls: Default::default(),
+        }
+    }
+}
+
+impl Respond for Script {
+    fn respond(&self, _: &wiremock::Request) -> ResponseTemplate {
+        let i = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.answers.get(i).unwrap_or(&self.then).clone()
+    }
+}
+
+fn created(id: u64) -> ResponseTemplate {
+    ResponseTemplate::new(201).set_body_json(tester(id))
+}
+
+/// Creates one tester against a server that answers `first`, then 201.
+/// Returns the result, the requests sent and the throttled count.
+async fn create_after(first: ResponseTemplate) -> (Result<Tester, ApiError>, usize, u64) {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(Script::new(vec![first], created(7)))
+        .mount(&server)
+        .await;
+    let c = common::client_for(&format!("{}/api/v2", server.uri()), "k", &[]);
+    let input = TesterInput {
+        email: Some("a@x.io".into()),
+        ..Default::default()
+    };
+    let r = c.create_tester("1", &input).await;
+    let sent = server.received_requests().await.unwrap().len();
+    let throttled = c
+        .stats()
+        .throttled
+        .load(std::sync::atomic::Ordering::Relaxed);
+    (r, sent, throttled)
+}
+
+/// Regression (defect 5): a 503 whose body says "rate limit" is throttling,
+/// even for a create: it was refused before any work, so it is counted,
+/// paused and sent again, never surfaced as an unknown outcome.
+#[tokio::test]
+async fn a_create_answered_by_503_with_a_rate_limit_body_is_throttled_and_resent() {
+    for body in [
+        json!({"errors": [{"message": "Rate limit exceeded. Please slow down."}]}),
+        json!({"error": "TOO MANY REQUESTS"}),
+        json!({"errors": ["Request throttled"]}),
+    ] {
+        let (r, sent, throttled) =
+            create_after(ResponseTemplate::new(503).set_body_json(body.clone())).await;
+        assert_eq!(r.map(|t| t.id).map_err(|e| e.to_string()), Ok(7), "{body}");
+        assert_eq!((sent, throttled), (2, 1), "{body}");
+    }
+    // Plain text, as a proxy in front of the API might answer.
+    let (r, sent, throttled) =
+        create_after(ResponseTemplate::new(503).set_body_string("rate limit reached")).await;
+    assert!(r.is_ok());
+    assert_eq!((sent, throttled), (2, 1));
+}
+
+/// Regression (defect 5): a Retry-After header on a 503 is a throttling
+/// sign, whatever the body says.
+#[tokio::test]
+async fn a_create_answered_by_503_with_retry_after_is_throttled_and_resent() {
+    let (r, sent, throttled) = create_after(
+        ResponseTemplate::new(503)
+            .insert_header("Retry-After", "0")
+            .set_body_string("Service Unavailable"),
+    )
+    .await;
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!((sent, throttled), (2, 1));
+}
+
+/// A 503 with no sign of throttling is a server failure: a create's outcome
+/// is then unknown (it is not resent blindly) and a read is retried as a
+/// server error, neither counted as throttled.
+#[tokio::test]
+async fn a_plain_503_is_a_server_error_not_throttling() {
+    let plain = || {
+        ResponseTemplate::new(503)
+            .set_body_json(json!({"errors": [{"message": "Service Unavailable"}]}))
+    };
+    let (r, sent, throttled) = create_after(plain()).await;
+    match r {
+        Err(e @ ApiError::OutcomeUnknown { .. }) => {
+            assert!(e.to_string().contains("HTTP 503"), "{e}")
+        }
+        other => panic!("expected an unknown outcome, got {other:?}"),
+    }
+    assert_eq!((sent, throttled), (1, 0));
+
+    let server = MockServer::start().await;
+    Mock::given(path("/api/v2/betas/1.json"))
+        .respond_with(Script::new(
+            vec![plain(); 8],
+            ResponseTemplate::new(200).set_body_json(json!({"id": 1})),
+        ))
+        .mount(&server)
+        .await;
+    let c = common::client_for(&format!("{}/api/v2", server.uri()), "k", &["betas=1000/1s"]);
+    let e = c.beta("1").await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ApiError::Server {
+                status: 503,
+                attempts: 8,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        c.stats()
+            .throttled
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}

@@ -6,8 +6,10 @@
 //!   user name, empty password), never in a URL, and is never printed;
 //! - GET, PUT, DELETE and check-ins are retried on transient failures; a
 //!   create (POST) is retried only when it surely did not reach the server
-//!   (connection refused, 429); any other doubt comes back as
-//!   [`ApiError::OutcomeUnknown`] for the caller to resolve by a lookup.
+//!   (connection refused, a throttled answer); any other doubt comes back as
+//!   [`ApiError::OutcomeUnknown`] for the caller to resolve by a lookup;
+//! - a throttled answer (429, or a 503 that says so) is counted, slows the
+//!   shared limiter and is sent again after a pause, whatever the request;
 
 use std::fmt;
 use std::sync::Arc;
@@ -204,6 +206,29 @@ impl Client {
         url
     }
 
+    /// Waits before sending again a request that the server refused as
+    /// unavailable (a plain 503) and that the caller found was not applied:
+    /// `refusals` in a row so far. Paced like a server error's retries; past
+    /// the policy's attempts the server is taken to be down, and the error
+    /// says so ([`ApiError::Unavailable`]: the run stops, to be resumed).
+    pub async fn pause_to_resend(
+        &self,
+        op: Op,
+        refusals: u32,
+        cause: &str,
+    ) -> Result<(), ApiError> {
+        if refusals >= self.retry.max_attempts {
+            return Err(ApiError::Unavailable {
+                op: op.describe(),
+                attempts: refusals,
+                cause: cause.to_string(),
+            });
+        }
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(self.retry.backoff(refusals)).await;
+        Ok(())
+    }
+
     fn rate_class(op: Op) -> RateClass {
         match op {
             Op::TestersList => RateClass::TestersList,
@@ -266,6 +291,7 @@ impl Client {
         let started = Instant::now();
         let mut throttle_waited = Duration::ZERO;
         let mut throttle_budget = window;
+        let mut throttles = 0u32;
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -294,11 +320,12 @@ impl Client {
                         .get("x-pagination")
                         .and_then(|v| v.to_str().ok())
                         .and_then(Pagination::parse);
+                    // Sent at all, it is a sign of throttling; its value, if
+                    // readable, is how long to wait.
                     let retry_after = resp
                         .headers()
                         .get(header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(parse_retry_after);
+                        .map(|v| v.to_str().ok().and_then(parse_retry_after));
                     match resp.bytes().await {
                         Ok(body) => Ok((status, pagination, retry_after, body)),
                         Err(e) => Err(e),
@@ -316,6 +343,7 @@ impl Client {
                     if !op.is_idempotent() && !surely_unsent {
                         return Err(ApiError::OutcomeUnknown {
                             op: op.describe(),
+                            status: None,
                             cause,
                         });
                     }
@@ -344,19 +372,22 @@ impl Client {
 
             let messages = ApiMessages::parse(&resp_body);
             let code = status.as_u16();
-            // 429 is a refusal before any work. 503 is the documented throttle
-            // answer, but for a create it could also be a failure after the
-            // write, so a create treats it as an unknown outcome.
-            let throttled = status == StatusCode::TOO_MANY_REQUESTS
-                || (status == StatusCode::SERVICE_UNAVAILABLE && op.is_idempotent());
-            if throttled {
+            // A rate limiter refuses before any work, so a throttled create is
+            // as safe to send again as a read. (Were it counted as an unknown
+            // outcome, the import would give the row up after a few of them.)
+            if is_throttle_answer(status, retry_after.is_some(), &messages) {
                 self.stats.throttled.fetch_add(1, Ordering::Relaxed);
-                let pause = match retry_after {
+                throttles += 1;
+                let pause = match retry_after.flatten() {
                     Some(d) if !d.is_zero() => {
                         throttle_budget = throttle_budget.max(throttle_waited + d + window);
                         d
                     }
-                    _ => self.retry.backoff(attempt).max(Duration::from_millis(100)),
+                    // Longer after each throttled answer to the same request.
+                    _ => self
+                        .retry
+                        .backoff(throttles)
+                        .max(Duration::from_millis(100)),
                 };
                 if throttle_waited + pause > throttle_budget {
                     return Err(ApiError::Throttled {
@@ -401,10 +432,13 @@ impl Client {
                         messages,
                     });
                 }
+                // A 503 without a sign of throttling lands here too: for a
+                // create it may come from past the write.
                 408 | 500..=599 => {
                     if !op.is_idempotent() {
                         return Err(ApiError::OutcomeUnknown {
                             op: op.describe(),
+                            status: Some(code),
                             cause: format!("HTTP {code}: {messages}"),
                         });
                     }
@@ -624,6 +658,32 @@ fn leading_id(body: &[u8]) -> Option<u64> {
     std::str::from_utf8(number).ok()?.parse().ok()
 }
 
+/// Words of an error message that mean the rate limiter answered: the
+/// wording is undocumented [U], so any of these, in any case, will do.
+const THROTTLE_WORDS: [&str; 6] = [
+    "rate limit",
+    "rate-limit",
+    "ratelimit",
+    "too many requests",
+    "throttl",
+    "slow down",
+];
+
+/// Whether an error answer is the server's rate limiter: a 429 always; a
+/// 503 (the status the reference gives for a throttled request [S], but
+/// also any server's "unavailable") only with a sign of it: a `Retry-After`
+/// header, or a message that speaks of rate limits. A plain 503 is a server
+/// error.
+fn is_throttle_answer(status: StatusCode, retry_after: bool, messages: &ApiMessages) -> bool {
+    match status {
+        StatusCode::TOO_MANY_REQUESTS => true,
+        StatusCode::SERVICE_UNAVAILABLE => {
+            retry_after || THROTTLE_WORDS.iter().any(|w| messages.mentions(w))
+        }
+        _ => false,
+    }
+}
+
 /// `Retry-After` as seconds or an HTTP date. Zero means no hint.
 pub fn parse_retry_after(v: &str) -> Option<Duration> {
     let v = v.trim();
@@ -728,6 +788,41 @@ mod tests {
                 String::from_utf8_lossy(other)
             );
         }
+    }
+
+    #[test]
+    fn a_503_is_throttling_only_with_a_sign_of_it() {
+        let throttled = |status: u16, retry_after: bool, body: &str| {
+            is_throttle_answer(
+                StatusCode::from_u16(status).unwrap(),
+                retry_after,
+                &ApiMessages::parse(body.as_bytes()),
+            )
+        };
+        for body in [
+            r#"{"errors":[{"code":null,"message":"Rate limit exceeded. Please slow down."}]}"#,
+            r#"{"error":"Too Many Requests"}"#,
+            r#"{"errors":["THROTTLED"]}"#,
+            "Rate-Limit reached",
+            "you are being ratelimited",
+        ] {
+            assert!(throttled(503, false, body), "{body}");
+        }
+        assert!(throttled(
+            503,
+            true,
+            r#"{"errors":["Service Unavailable"]}"#
+        ));
+        assert!(throttled(503, true, ""));
+        assert!(throttled(429, false, ""));
+        assert!(!throttled(
+            503,
+            false,
+            r#"{"errors":["Service Unavailable"]}"#
+        ));
+        assert!(!throttled(503, false, ""));
+        assert!(!throttled(500, true, "rate limit exceeded"));
+        assert!(!throttled(502, false, "<html>Bad Gateway</html>"));
     }
 
     #[test]

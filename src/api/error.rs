@@ -286,7 +286,24 @@ pub enum ApiError {
     /// A create was sent but no answer came back that says whether it was
     /// applied. The caller must look the record up before trying again.
     #[error("failed to {op}: outcome unknown, it may or may not have been applied ({cause})")]
-    OutcomeUnknown { op: &'static str, cause: String },
+    OutcomeUnknown {
+        op: &'static str,
+        /// The HTTP status of the answer, if one came (a 5xx or 408).
+        status: Option<u16>,
+        cause: String,
+    },
+
+    /// The server kept refusing as unavailable (plain 503s) a request that
+    /// it did not apply, through every attempt: nothing was lost, so the run
+    /// stops to be resumed later rather than giving up on the row.
+    #[error(
+        "failed to {op}: the API was unavailable {attempts} times in a row ({cause}). hint: run the same command again later; it resumes where it stopped"
+    )]
+    Unavailable {
+        op: &'static str,
+        attempts: u32,
+        cause: String,
+    },
 
     #[error("failed to {op}: unexpected response (HTTP {status}): {cause}")]
     Decode {
@@ -330,7 +347,10 @@ impl ApiError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            ApiError::Throttled { .. } | ApiError::Server { .. } | ApiError::Transport { .. }
+            ApiError::Throttled { .. }
+                | ApiError::Server { .. }
+                | ApiError::Transport { .. }
+                | ApiError::Unavailable { .. }
         )
     }
 }

@@ -1162,6 +1162,7 @@ fn classify(job: &Job, e: ApiError) -> Outcome {
     match e {
         e if e.is_access_denied() => Outcome::Abort(e),
         e @ (ApiError::Throttled { .. }
+        | ApiError::Unavailable { .. }
         | ApiError::ProjectNotFound { .. }
         | ApiError::Cancelled { .. }) => Outcome::Abort(e),
         e @ (ApiError::Server { .. } | ApiError::Transport { .. }) => {
@@ -1317,7 +1318,9 @@ async fn create(ctx: &Ctx, job: &mut Job) -> Outcome {
             tester_id: 0,
         });
     }
-    for _ in 0..CREATE_TRIES {
+    let mut unknown = 0u32;
+    let mut refused = 0u32;
+    while unknown < CREATE_TRIES {
         if ctx.stop.is_set() {
             return Outcome::Left;
         }
@@ -1332,7 +1335,7 @@ async fn create(ctx: &Ctx, job: &mut Job) -> Outcome {
                     tester_id: id,
                 });
             }
-            Err(ApiError::OutcomeUnknown { cause, .. }) => {
+            Err(ApiError::OutcomeUnknown { cause, status, .. }) => {
                 tracing::debug!(line = job.line, %cause, "create outcome unknown; looking the email up");
                 match lookup(ctx, email_of(job)).await {
                     Ok(Some(t)) => {
@@ -1342,7 +1345,21 @@ async fn create(ctx: &Ctx, job: &mut Job) -> Outcome {
                             tester_id: id_of(&t),
                         });
                     }
-                    Ok(None) => continue,
+                    // A 503 says the server did not take the request on, and
+                    // the lookup agrees: a refusal, not a doubt, so it does
+                    // not use up the row's tries; the client paces it and
+                    // stops the run (resumable) if the server stays down.
+                    Ok(None) if status == Some(503) => {
+                        refused += 1;
+                        if let Err(e) = ctx
+                            .client
+                            .pause_to_resend(Op::TesterCreate, refused, &cause)
+                            .await
+                        {
+                            return Outcome::Abort(e);
+                        }
+                    }
+                    Ok(None) => unknown += 1,
                     Err(e) => return classify(job, e),
                 }
             }
