@@ -10,10 +10,12 @@
 //!   [`ApiError::OutcomeUnknown`] for the caller to resolve by a lookup;
 //! - a throttled answer (429, or a 503 that says so) is counted, slows the
 //!   shared limiter and is sent again after a pause, whatever the request;
+//! - a failure that waiting will not mend (TLS, DNS, nothing listening before
+//!   the server ever answered) is [`ApiError::Unreachable`] at once.
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -24,7 +26,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 use url::Url;
 
-use super::error::{ApiError, ApiMessages, Op};
+use super::error::{ApiError, ApiMessages, Op, Unreachable};
 use super::limiter::{Limiter, RateClass};
 use super::models::{Beta, Pagination, Tester, TesterInput};
 
@@ -113,6 +115,11 @@ pub struct Client {
     limiter: Limiter,
     retry: RetryPolicy,
     stats: Arc<ClientStats>,
+    /// Whether the server has answered anything yet, in this run (every
+    /// clone shares it). Before that, a refused connection means a wrong
+    /// address or a server that is not running, and retrying for a minute
+    /// only hides it; after, it means a restart or a blip, worth retrying.
+    answered: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for Client {
@@ -175,6 +182,7 @@ impl Client {
             limiter,
             retry,
             stats: Arc::new(ClientStats::default()),
+            answered: Arc::default(),
         }
     }
 
@@ -227,6 +235,54 @@ impl Client {
         self.stats.retries.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(self.retry.backoff(refusals)).await;
         Ok(())
+    }
+
+    /// Whether a network error is one that retrying will not mend: any TLS
+    /// failure; and, while the server has never answered in this run, a
+    /// name that does not resolve, a refused connection or no route.
+    fn unreachable(&self, e: &reqwest::Error) -> Option<Unreachable> {
+        let host = self.base.host_str().unwrap_or_default().to_string();
+        let addr = match self.base.port_or_known_default() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.clone(),
+        };
+        let answered = self.answered.load(Ordering::Relaxed);
+        let mut dns = false;
+        let mut innermost = String::new();
+        for s in error_chain(e) {
+            innermost = s.to_string();
+            if let Some(tls) = s.downcast_ref::<rustls::Error>() {
+                let cause = tls.to_string();
+                return Some(match tls {
+                    rustls::Error::InvalidCertificate(_) => {
+                        Unreachable::Certificate { host, cause }
+                    }
+                    _ => Unreachable::Handshake { host, cause },
+                });
+            }
+            if let Some(io) = s.downcast_ref::<std::io::Error>()
+                && !answered
+            {
+                use std::io::ErrorKind as K;
+                match io.kind() {
+                    K::ConnectionRefused => return Some(Unreachable::Refused { addr }),
+                    K::NetworkUnreachable | K::HostUnreachable => {
+                        let cause = io.to_string();
+                        return Some(Unreachable::NoRoute { addr, cause });
+                    }
+                    _ => {}
+                }
+            }
+            // hyper-util's resolver failure: its type is private, its message
+            // is not.
+            if innermost == "dns error" {
+                dns = true;
+            }
+        }
+        (dns && !answered).then_some(Unreachable::Dns {
+            host,
+            cause: innermost,
+        })
     }
 
     fn rate_class(op: Op) -> RateClass {
@@ -314,6 +370,9 @@ impl Client {
             }
             let outcome = match req.send().await {
                 Ok(resp) => {
+                    if !self.answered.load(Ordering::Relaxed) {
+                        self.answered.store(true, Ordering::Relaxed);
+                    }
                     let status = resp.status();
                     let pagination = resp
                         .headers()
@@ -337,6 +396,12 @@ impl Client {
             let (status, pagination, retry_after, resp_body) = match outcome {
                 Ok(x) => x,
                 Err(e) => {
+                    if let Some(reason) = self.unreachable(&e) {
+                        return Err(ApiError::Unreachable {
+                            op: op.describe(),
+                            reason,
+                        });
+                    }
                     let cause = describe_transport(&e);
                     // A refused connection never reached the server.
                     let surely_unsent = e.is_connect();
@@ -695,6 +760,27 @@ pub fn parse_retry_after(v: &str) -> Option<Duration> {
         when.duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO),
     )
+}
+
+/// An error and every error under it, outermost first. An `io::Error`'s
+/// `source()` skips the error it wraps (rustls's, say, often inside two of
+/// them), so wrapped errors are visited too.
+fn error_chain<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Vec<&'a (dyn std::error::Error + 'static)> {
+    let mut out = Vec::new();
+    let mut next = Some(e);
+    while let Some(s) = next {
+        out.push(s);
+        next = match s
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => s.source(),
+        };
+    }
+    out
 }
 
 /// A network error, described without its URL (which names the host and

@@ -283,6 +283,15 @@ pub enum ApiError {
         cause: String,
     },
 
+    /// The API could not be reached in a way that waiting will not mend (a
+    /// certificate, a name that does not resolve, nothing listening before
+    /// anything answered): never retried, and the run stops.
+    #[error("failed to {op}: could not reach the API: {reason}")]
+    Unreachable {
+        op: &'static str,
+        reason: Unreachable,
+    },
+
     /// A create was sent but no answer came back that says whether it was
     /// applied. The caller must look the record up before trying again.
     #[error("failed to {op}: outcome unknown, it may or may not have been applied ({cause})")]
@@ -314,6 +323,36 @@ pub enum ApiError {
 
     #[error("stopped before {op}: the run was interrupted")]
     Cancelled { op: &'static str },
+}
+
+/// What could not be reached, and how. Each names the host (and port, for
+/// a connection), never the path or the query.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unreachable {
+    #[error(
+        "network: connection refused to {addr}. hint: check --base-url, and that the server is running and reachable from here"
+    )]
+    Refused { addr: String },
+
+    #[error(
+        "network: no route to {addr} ({cause}). hint: check the network connection and --base-url"
+    )]
+    NoRoute { addr: String, cause: String },
+
+    #[error(
+        "DNS: could not resolve {host} ({cause}). hint: check the host name in --base-url and this machine's DNS settings"
+    )]
+    Dns { host: String, cause: String },
+
+    #[error(
+        "TLS: certificate not trusted for {host} ({cause}). hint: the server must present a valid certificate for {host} from a public certificate authority; prefsync never skips the check"
+    )]
+    Certificate { host: String, cause: String },
+
+    #[error(
+        "TLS: handshake with {host} failed ({cause}). hint: check that --base-url is the https:// address of the API"
+    )]
+    Handshake { host: String, cause: String },
 }
 
 impl ApiError {

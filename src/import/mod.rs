@@ -1162,6 +1162,7 @@ fn classify(job: &Job, e: ApiError) -> Outcome {
     match e {
         e if e.is_access_denied() => Outcome::Abort(e),
         e @ (ApiError::Throttled { .. }
+        | ApiError::Unreachable { .. }
         | ApiError::Unavailable { .. }
         | ApiError::ProjectNotFound { .. }
         | ApiError::Cancelled { .. }) => Outcome::Abort(e),
