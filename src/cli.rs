@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use std::time::Duration;
 
-use crate::api::RateOverride;
+use crate::api::{Quota, RateOverride};
 use crate::export::sink::Format;
 use crate::import::input::Encoding;
 use crate::import::mapping::EmptyCells;
@@ -393,6 +393,10 @@ pub struct SandboxArgs {
     /// The status a throttled request gets.
     #[arg(long, default_value_t = 503, value_parser = parse_throttle_status)]
     pub throttle_status: u16,
+    /// Throttle writes past this many per period, for all projects together
+    /// (not a documented limit; off by default), e.g. 100/1s.
+    #[arg(long, value_name = "N/PERIOD")]
+    pub write_limit: Option<Quota>,
     /// Send Retry-After with this many seconds on throttled answers.
     #[arg(long, value_name = "SECONDS")]
     pub retry_after: Option<u64>,

@@ -22,6 +22,9 @@ pub enum Exit {
     Resumable = 5,
     /// Another run holds the lock.
     Locked = 6,
+    /// The API could not be reached: connection refused before anything
+    /// answered, a host name that does not resolve, a TLS failure.
+    Unreachable = 7,
 }
 
 impl Exit {
@@ -86,7 +89,10 @@ pub fn exit_for(err: &anyhow::Error) -> Exit {
             return match api {
                 e if e.is_access_denied() => Exit::AccessDenied,
                 ApiError::ProjectNotFound { .. } => Exit::Usage,
-                ApiError::Throttled { .. } | ApiError::Cancelled { .. } => Exit::Resumable,
+                ApiError::Throttled { .. }
+                | ApiError::Unavailable { .. }
+                | ApiError::Cancelled { .. } => Exit::Resumable,
+                ApiError::Unreachable { .. } => Exit::Unreachable,
                 _ => Exit::Internal,
             };
         }
@@ -112,5 +118,19 @@ mod tests {
             6
         );
         assert_eq!(exit_for(&anyhow::anyhow!("boom")).code(), 1);
+        let refused = anyhow::Error::new(ApiError::Unreachable {
+            op: "show the project",
+            reason: crate::api::Unreachable::Refused {
+                addr: "127.0.0.1:9".into(),
+            },
+        })
+        .context("failed to import");
+        assert_eq!(exit_for(&refused).code(), 7);
+        let unavailable = anyhow::Error::new(ApiError::Unavailable {
+            op: "create a user",
+            attempts: 8,
+            cause: "HTTP 503".into(),
+        });
+        assert_eq!(exit_for(&unavailable).code(), 5);
     }
 }

@@ -41,8 +41,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
             print!("{report}");
             std::io::stdout().flush().ok();
             match report.failure {
+                // Only the key's own refusals blame the key: a network, DNS
+                // or TLS failure says nothing about it.
+                Some(
+                    e @ (api::ApiError::Unauthorized { .. } | api::ApiError::Forbidden { .. }),
+                ) => Err(anyhow::Error::new(e).context("the key does not work for this project")),
                 Some(e) => {
-                    Err(anyhow::Error::new(e).context("the key does not work for this project"))
+                    Err(anyhow::Error::new(e).context("failed to check the key and the project"))
                 }
                 None => Ok(Exit::Done),
             }

@@ -237,3 +237,61 @@ async fn the_key_is_in_no_file_written() {
         "checkpoint, reports, exports and summaries were written ({files})"
     );
 }
+
+/// Regression (defect 9): an API nobody answers at fails within seconds,
+/// says what failed, does not blame the key, and exits 7, for `check` as
+/// for an import and an export.
+#[test]
+fn an_api_that_cannot_be_reached_exits_7_within_seconds() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!("http://127.0.0.1:{port}/api/v2");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.csv");
+    std::fs::write(&input, "email\na@x.io\n").unwrap();
+    let runs: [Vec<std::ffi::OsString>; 3] = [
+        vec!["check".into(), "--beta".into(), "1".into()],
+        vec![
+            "import".into(),
+            "testers".into(),
+            "--beta".into(),
+            "1".into(),
+            "--file".into(),
+            input.into(),
+            "--checkpoint".into(),
+            dir.path().join("ck.sqlite").into(),
+        ],
+        vec![
+            "export".into(),
+            "testers".into(),
+            "--beta".into(),
+            "1".into(),
+            "--out".into(),
+            dir.path().join("out.csv").into(),
+        ],
+    ];
+    for args in runs {
+        let start = std::time::Instant::now();
+        let out = prefsync(&base, Some(SECRET)).args(&args).output().unwrap();
+        let took = start.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(7), "{args:?}: {stderr}");
+        assert!(
+            took < std::time::Duration::from_secs(5),
+            "{args:?} took {took:?}"
+        );
+        assert!(
+            stderr.contains(&format!("network: connection refused to 127.0.0.1:{port}")),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("key does not work") && !stdout.contains("with this key"),
+            "{args:?}: {stdout}{stderr}"
+        );
+        assert!(!stderr.contains(SECRET) && !stdout.contains(SECRET));
+    }
+}

@@ -352,3 +352,291 @@ async fn every_error_class_has_its_message() {
     );
     assert!(!e.is_retryable());
 }
+
+/// Answers with the given templates in order, then with `then`.
+struct Script {
+    answers: Vec<ResponseTemplate>,
+    then: ResponseTemplate,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl Script {
+    fn new(answers: Vec<ResponseTemplate>, then: ResponseTemplate) -> Script {
+        Script {
+            answers,
+            then,
+            calls: Default::default(),
+        }
+    }
+}
+
+impl Respond for Script {
+    fn respond(&self, _: &wiremock::Request) -> ResponseTemplate {
+        let i = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.answers.get(i).unwrap_or(&self.then).clone()
+    }
+}
+
+fn created(id: u64) -> ResponseTemplate {
+    ResponseTemplate::new(201).set_body_json(tester(id))
+}
+
+/// Creates one tester against a server that answers `first`, then 201.
+/// Returns the result, the requests sent and the throttled count.
+async fn create_after(first: ResponseTemplate) -> (Result<Tester, ApiError>, usize, u64) {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(Script::new(vec![first], created(7)))
+        .mount(&server)
+        .await;
+    let c = common::client_for(&format!("{}/api/v2", server.uri()), "k", &[]);
+    let input = TesterInput {
+        email: Some("a@x.io".into()),
+        ..Default::default()
+    };
+    let r = c.create_tester("1", &input).await;
+    let sent = server.received_requests().await.unwrap().len();
+    let throttled = c
+        .stats()
+        .throttled
+        .load(std::sync::atomic::Ordering::Relaxed);
+    (r, sent, throttled)
+}
+
+/// Regression (defect 5): a 503 whose body says "rate limit" is throttling,
+/// even for a create: it was refused before any work, so it is counted,
+/// paused and sent again, never surfaced as an unknown outcome.
+#[tokio::test]
+async fn a_create_answered_by_503_with_a_rate_limit_body_is_throttled_and_resent() {
+    for body in [
+        json!({"errors": [{"message": "Rate limit exceeded. Please slow down."}]}),
+        json!({"error": "TOO MANY REQUESTS"}),
+        json!({"errors": ["Request throttled"]}),
+    ] {
+        let (r, sent, throttled) =
+            create_after(ResponseTemplate::new(503).set_body_json(body.clone())).await;
+        assert_eq!(r.map(|t| t.id).map_err(|e| e.to_string()), Ok(7), "{body}");
+        assert_eq!((sent, throttled), (2, 1), "{body}");
+    }
+    // Plain text, as a proxy in front of the API might answer.
+    let (r, sent, throttled) =
+        create_after(ResponseTemplate::new(503).set_body_string("rate limit reached")).await;
+    assert!(r.is_ok());
+    assert_eq!((sent, throttled), (2, 1));
+}
+
+/// Regression (defect 5): a Retry-After header on a 503 is a throttling
+/// sign, whatever the body says.
+#[tokio::test]
+async fn a_create_answered_by_503_with_retry_after_is_throttled_and_resent() {
+    let (r, sent, throttled) = create_after(
+        ResponseTemplate::new(503)
+            .insert_header("Retry-After", "0")
+            .set_body_string("Service Unavailable"),
+    )
+    .await;
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!((sent, throttled), (2, 1));
+}
+
+/// A 503 with no sign of throttling is a server failure: a create's outcome
+/// is then unknown (it is not resent blindly) and a read is retried as a
+/// server error, neither counted as throttled.
+#[tokio::test]
+async fn a_plain_503_is_a_server_error_not_throttling() {
+    let plain = || {
+        ResponseTemplate::new(503)
+            .set_body_json(json!({"errors": [{"message": "Service Unavailable"}]}))
+    };
+    let (r, sent, throttled) = create_after(plain()).await;
+    match r {
+        Err(e @ ApiError::OutcomeUnknown { .. }) => {
+            assert!(e.to_string().contains("HTTP 503"), "{e}")
+        }
+        other => panic!("expected an unknown outcome, got {other:?}"),
+    }
+    assert_eq!((sent, throttled), (1, 0));
+
+    let server = MockServer::start().await;
+    Mock::given(path("/api/v2/betas/1.json"))
+        .respond_with(Script::new(
+            vec![plain(); 8],
+            ResponseTemplate::new(200).set_body_json(json!({"id": 1})),
+        ))
+        .mount(&server)
+        .await;
+    let c = common::client_for(&format!("{}/api/v2", server.uri()), "k", &["betas=1000/1s"]);
+    let e = c.beta("1").await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ApiError::Server {
+                status: 503,
+                attempts: 8,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        c.stats()
+            .throttled
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+/// A port on 127.0.0.1 that nothing listens on: bound, then released.
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A client with the production retry policy: what a stuck run would wait.
+fn production_client(base: &str) -> prefsync::api::Client {
+    prefsync::api::Client::new(
+        base.parse().unwrap(),
+        prefsync::api::ApiKey::new("k3y-secret"),
+        prefsync::api::Limiter::new(&[]),
+        prefsync::api::RetryPolicy::default(),
+    )
+}
+
+/// Fails `call` on a fresh client, checks it took under 5 s, was not worth
+/// retrying and blames neither the key nor anything else than `says`.
+async fn fails_fast(base: &str, says: &str) -> ApiError {
+    let c = production_client(base);
+    let start = std::time::Instant::now();
+    let e = c.beta("1").await.unwrap_err();
+    let took = start.elapsed();
+    let text = e.to_string();
+    assert!(took < Duration::from_secs(5), "took {took:?}: {text}");
+    assert!(text.contains(says), "{text}");
+    assert!(!e.is_retryable(), "{text}");
+    assert!(
+        !text.contains("key") && !text.contains("k3y-secret"),
+        "{text}"
+    );
+    e
+}
+
+/// Regression (defect 9): nothing listens, and nothing has answered yet.
+#[tokio::test]
+async fn connection_refused_on_the_first_call_fails_fast_naming_the_address() {
+    let port = closed_port();
+    fails_fast(
+        &format!("http://127.0.0.1:{port}/api/v2"),
+        &format!("network: connection refused to 127.0.0.1:{port}"),
+    )
+    .await;
+}
+
+/// Regression (defect 9): `.invalid` never resolves (RFC 6761).
+#[tokio::test]
+async fn an_unresolvable_host_fails_fast_naming_it() {
+    fails_fast(
+        "https://nonexistent.invalid/api/v2",
+        "DNS: could not resolve nonexistent.invalid",
+    )
+    .await;
+}
+
+/// Regression (defect 9): a server on the https port that does not speak
+/// TLS. Each connection is counted: a TLS failure is never retried.
+#[tokio::test]
+async fn a_tls_handshake_failure_is_named_and_not_retried() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok((mut sock, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = sock
+                .write_all(b"HTTP/1.1 200 OK\r\n\r\nthis is not TLS")
+                .await;
+        }
+    });
+    fails_fast(
+        &format!("https://127.0.0.1:{port}/api/v2"),
+        "TLS: handshake with 127.0.0.1 failed",
+    )
+    .await;
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// Once the server has answered, a refused connection is a server going
+/// away for a moment (a restart, a deploy): it stays worth retrying.
+#[tokio::test]
+async fn once_the_server_has_answered_a_refused_connection_is_retried() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = sock.read(&mut buf).await;
+        let body = r#"{"id":1,"name":"P"}"#;
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        sock.write_all(answer.as_bytes()).await.unwrap();
+        // The listener closes here: every later connection is refused.
+    });
+    let c = common::client_for(
+        &format!("http://127.0.0.1:{port}/api/v2"),
+        "k",
+        &["betas=1000/1s"],
+    );
+    assert_eq!(c.beta("1").await.unwrap().id, 1);
+    server.await.unwrap();
+    let e = c.beta("1").await.unwrap_err();
+    assert!(
+        matches!(e, ApiError::Transport { attempts: 8, .. }) && e.is_retryable(),
+        "{e}"
+    );
+}
+
+/// Regression (defect 9): a TLS server whose certificate is self-signed
+/// (a throwaway key and certificate for 127.0.0.1, made for this test). The
+/// certificate is refused, never retried, and verification is never skipped.
+#[tokio::test]
+async fn a_self_signed_certificate_is_not_trusted_and_not_retried() {
+    use tokio_rustls::rustls;
+    let cert = rustls::pki_types::CertificateDer::from(
+        include_bytes!("fixtures/self-signed/cert.der").to_vec(),
+    );
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+        include_bytes!("fixtures/self-signed/key.der")
+            .to_vec()
+            .into(),
+    );
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // The client gives up during the handshake.
+            let _ = acceptor.accept(sock).await;
+        }
+    });
+    fails_fast(
+        &format!("https://127.0.0.1:{port}/api/v2"),
+        "TLS: certificate not trusted for 127.0.0.1",
+    )
+    .await;
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

@@ -722,3 +722,79 @@ async fn an_unfinished_version_3_import_migrates_and_resumes() {
         .unwrap();
     assert_eq!((version, kind.as_str()), (4, "testers.import"));
 }
+
+/// Regression (defect 5): a server that throttles writes with 503 and a
+/// rate-limit body. Every row is created once, none is given up as an
+/// unknown outcome, and the throttled answers are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_throttled_by_503_are_all_created_and_counted() {
+    let f = Fixture::new(SandboxConfig {
+        throttle_status: 503,
+        write_limit: Some((100, std::time::Duration::from_secs(1))),
+        ..Default::default()
+    })
+    .await;
+    let mut text = String::from("email\n");
+    for i in 1..=300 {
+        text.push_str(&format!("new{i}@example.com\n"));
+    }
+    let input = f.file("in.csv", text.as_bytes());
+    let mut o = f.opts(&input);
+    o.mode = Mode::Create;
+    let s = f.run(&o).await.unwrap();
+    assert_eq!((s.created, s.rejected), (300, 0), "{s}");
+    assert!(s.throttled > 0, "the sandbox throttled writes: {s}");
+    assert_eq!(f.users().len(), 300);
+    let stats = f.sandbox.app.stats_json();
+    assert!(
+        stats["routes"]["testers.create"].get("422").is_none(),
+        "nobody was created twice: {stats:#}"
+    );
+}
+
+/// Regression (defect 5): a create answered by a plain 503 (no sign of
+/// throttling) whose lookup shows nothing was written is sent again, more
+/// than the 4 times an unknown outcome gets, instead of rejecting the row.
+#[tokio::test]
+async fn a_create_refused_by_plain_503s_is_sent_until_it_goes_through() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, Respond, ResponseTemplate};
+
+    /// Six plain 503s, then the created tester.
+    struct Unavailable(std::sync::atomic::AtomicUsize);
+    impl Respond for Unavailable {
+        fn respond(&self, _: &wiremock::Request) -> ResponseTemplate {
+            let i = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if i < 6 {
+                ResponseTemplate::new(503).set_body_json(
+                    serde_json::json!({"errors": [{"message": "Service Unavailable"}]}),
+                )
+            } else {
+                ResponseTemplate::new(201)
+                    .set_body_json(serde_json::json!({"id": 9, "email": "solo@x.io"}))
+            }
+        }
+    }
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/v2/betas/a9b8c7de/testers.json"))
+        .respond_with(Unavailable(Default::default()))
+        .expect(7)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/api/v2/betas/a9b8c7de/testers.json"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!([])))
+        .mount(&server)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("in.csv");
+    std::fs::write(&file, "email\nsolo@x.io\n").unwrap();
+    let mut o = ImportOptions::new("a9b8c7de", Source::File(file), dir.path().join("ck.sqlite"));
+    o.mode = Mode::Create;
+    let client = common::client_for(&format!("{}/api/v2", server.uri()), common::KEY, &[]);
+    let s = import(&client, &o, Stop::default(), Arc::new(Silent))
+        .await
+        .unwrap();
+    assert_eq!((s.created, s.rejected), (1, 0), "{s}");
+}

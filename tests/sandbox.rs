@@ -267,6 +267,44 @@ async fn throttles_past_the_limit_with_the_configured_status_and_retry_after() {
     assert_eq!(s.app.stats.throttled.load(Ordering::Relaxed), 10);
 }
 
+/// Writes past `write_limit` get the throttle status and the rate-limit
+/// body, and are not applied; reads are not counted against it.
+#[tokio::test]
+async fn throttles_writes_past_the_write_limit_without_applying_them() {
+    let s = common::sandbox(SandboxConfig {
+        rate_scale: 0.0,
+        write_limit: Some((5, std::time::Duration::from_secs(60))),
+        ..Default::default()
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        let r = raw(&s.base_url(), reqwest::Method::POST, "betas/1/testers.json")
+            .await
+            .basic_auth(common::KEY, Some(""))
+            .json(&json!({"tester": {"email": format!("w{i}@x.io")}}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        if status == 503 {
+            let body: Value = r.json().await.unwrap();
+            assert!(body.to_string().contains("Rate limit exceeded"), "{body}");
+        }
+        statuses.push(status);
+    }
+    assert_eq!(statuses, [201, 201, 201, 201, 201, 503, 503, 503]);
+    assert_eq!(common::users(&s, 1).len(), 5);
+    let r = raw(&s.base_url(), reqwest::Method::GET, "betas/1/testers.json")
+        .await
+        .basic_auth(common::KEY, Some(""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(s.app.stats.throttled.load(Ordering::Relaxed), 3);
+}
+
 #[tokio::test]
 async fn fail_after_write_applies_the_write() {
     let s = common::sandbox(SandboxConfig {

@@ -6,12 +6,16 @@
 //!   user name, empty password), never in a URL, and is never printed;
 //! - GET, PUT, DELETE and check-ins are retried on transient failures; a
 //!   create (POST) is retried only when it surely did not reach the server
-//!   (connection refused, 429); any other doubt comes back as
-//!   [`ApiError::OutcomeUnknown`] for the caller to resolve by a lookup.
+//!   (connection refused, a throttled answer); any other doubt comes back as
+//!   [`ApiError::OutcomeUnknown`] for the caller to resolve by a lookup;
+//! - a throttled answer (429, or a 503 that says so) is counted, slows the
+//!   shared limiter and is sent again after a pause, whatever the request;
+//! - a failure that waiting will not mend (TLS, DNS, nothing listening before
+//!   the server ever answered) is [`ApiError::Unreachable`] at once.
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -22,7 +26,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 use url::Url;
 
-use super::error::{ApiError, ApiMessages, Op};
+use super::error::{ApiError, ApiMessages, Op, Unreachable};
 use super::limiter::{Limiter, RateClass};
 use super::models::{Beta, Pagination, Tester, TesterInput};
 
@@ -111,6 +115,11 @@ pub struct Client {
     limiter: Limiter,
     retry: RetryPolicy,
     stats: Arc<ClientStats>,
+    /// Whether the server has answered anything yet, in this run (every
+    /// clone shares it). Before that, a refused connection means a wrong
+    /// address or a server that is not running, and retrying for a minute
+    /// only hides it; after, it means a restart or a blip, worth retrying.
+    answered: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for Client {
@@ -173,6 +182,7 @@ impl Client {
             limiter,
             retry,
             stats: Arc::new(ClientStats::default()),
+            answered: Arc::default(),
         }
     }
 
@@ -202,6 +212,77 @@ impl Client {
         }
         kept.push((path.to_string(), url.clone()));
         url
+    }
+
+    /// Waits before sending again a request that the server refused as
+    /// unavailable (a plain 503) and that the caller found was not applied:
+    /// `refusals` in a row so far. Paced like a server error's retries; past
+    /// the policy's attempts the server is taken to be down, and the error
+    /// says so ([`ApiError::Unavailable`]: the run stops, to be resumed).
+    pub async fn pause_to_resend(
+        &self,
+        op: &'static str,
+        refusals: u32,
+        cause: &str,
+    ) -> Result<(), ApiError> {
+        if refusals >= self.retry.max_attempts {
+            return Err(ApiError::Unavailable {
+                op,
+                attempts: refusals,
+                cause: cause.to_string(),
+            });
+        }
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(self.retry.backoff(refusals)).await;
+        Ok(())
+    }
+
+    /// Whether a network error is one that retrying will not mend: any TLS
+    /// failure; and, while the server has never answered in this run, a
+    /// name that does not resolve, a refused connection or no route.
+    fn unreachable(&self, e: &reqwest::Error) -> Option<Unreachable> {
+        let host = self.base.host_str().unwrap_or_default().to_string();
+        let addr = match self.base.port_or_known_default() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.clone(),
+        };
+        let answered = self.answered.load(Ordering::Relaxed);
+        let mut dns = false;
+        let mut innermost = String::new();
+        for s in error_chain(e) {
+            innermost = s.to_string();
+            if let Some(tls) = s.downcast_ref::<rustls::Error>() {
+                let cause = tls.to_string();
+                return Some(match tls {
+                    rustls::Error::InvalidCertificate(_) => {
+                        Unreachable::Certificate { host, cause }
+                    }
+                    _ => Unreachable::Handshake { host, cause },
+                });
+            }
+            if let Some(io) = s.downcast_ref::<std::io::Error>()
+                && !answered
+            {
+                use std::io::ErrorKind as K;
+                match io.kind() {
+                    K::ConnectionRefused => return Some(Unreachable::Refused { addr }),
+                    K::NetworkUnreachable | K::HostUnreachable => {
+                        let cause = io.to_string();
+                        return Some(Unreachable::NoRoute { addr, cause });
+                    }
+                    _ => {}
+                }
+            }
+            // hyper-util's resolver failure: its type is private, its message
+            // is not.
+            if innermost == "dns error" {
+                dns = true;
+            }
+        }
+        (dns && !answered).then_some(Unreachable::Dns {
+            host,
+            cause: innermost,
+        })
     }
 
     fn rate_class(op: Op) -> RateClass {
@@ -266,6 +347,7 @@ impl Client {
         let started = Instant::now();
         let mut throttle_waited = Duration::ZERO;
         let mut throttle_budget = window;
+        let mut throttles = 0u32;
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -288,17 +370,21 @@ impl Client {
             }
             let outcome = match req.send().await {
                 Ok(resp) => {
+                    if !self.answered.load(Ordering::Relaxed) {
+                        self.answered.store(true, Ordering::Relaxed);
+                    }
                     let status = resp.status();
                     let pagination = resp
                         .headers()
                         .get("x-pagination")
                         .and_then(|v| v.to_str().ok())
                         .and_then(Pagination::parse);
+                    // Sent at all, it is a sign of throttling; its value, if
+                    // readable, is how long to wait.
                     let retry_after = resp
                         .headers()
                         .get(header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(parse_retry_after);
+                        .map(|v| v.to_str().ok().and_then(parse_retry_after));
                     match resp.bytes().await {
                         Ok(body) => Ok((status, pagination, retry_after, body)),
                         Err(e) => Err(e),
@@ -310,12 +396,19 @@ impl Client {
             let (status, pagination, retry_after, resp_body) = match outcome {
                 Ok(x) => x,
                 Err(e) => {
+                    if let Some(reason) = self.unreachable(&e) {
+                        return Err(ApiError::Unreachable {
+                            op: op.describe(),
+                            reason,
+                        });
+                    }
                     let cause = describe_transport(&e);
                     // A refused connection never reached the server.
                     let surely_unsent = e.is_connect();
                     if !op.is_idempotent() && !surely_unsent {
                         return Err(ApiError::OutcomeUnknown {
                             op: op.describe(),
+                            status: None,
                             cause,
                         });
                     }
@@ -344,19 +437,22 @@ impl Client {
 
             let messages = ApiMessages::parse(&resp_body);
             let code = status.as_u16();
-            // 429 is a refusal before any work. 503 is the documented throttle
-            // answer, but for a create it could also be a failure after the
-            // write, so a create treats it as an unknown outcome.
-            let throttled = status == StatusCode::TOO_MANY_REQUESTS
-                || (status == StatusCode::SERVICE_UNAVAILABLE && op.is_idempotent());
-            if throttled {
+            // A rate limiter refuses before any work, so a throttled create is
+            // as safe to send again as a read. (Were it counted as an unknown
+            // outcome, the import would give the row up after a few of them.)
+            if is_throttle_answer(status, retry_after.is_some(), &messages) {
                 self.stats.throttled.fetch_add(1, Ordering::Relaxed);
-                let pause = match retry_after {
+                throttles += 1;
+                let pause = match retry_after.flatten() {
                     Some(d) if !d.is_zero() => {
                         throttle_budget = throttle_budget.max(throttle_waited + d + window);
                         d
                     }
-                    _ => self.retry.backoff(attempt).max(Duration::from_millis(100)),
+                    // Longer after each throttled answer to the same request.
+                    _ => self
+                        .retry
+                        .backoff(throttles)
+                        .max(Duration::from_millis(100)),
                 };
                 if throttle_waited + pause > throttle_budget {
                     return Err(ApiError::Throttled {
@@ -401,10 +497,13 @@ impl Client {
                         messages,
                     });
                 }
+                // A 503 without a sign of throttling lands here too: for a
+                // create it may come from past the write.
                 408 | 500..=599 => {
                     if !op.is_idempotent() {
                         return Err(ApiError::OutcomeUnknown {
                             op: op.describe(),
+                            status: Some(code),
                             cause: format!("HTTP {code}: {messages}"),
                         });
                     }
@@ -624,6 +723,32 @@ fn leading_id(body: &[u8]) -> Option<u64> {
     std::str::from_utf8(number).ok()?.parse().ok()
 }
 
+/// Words of an error message that mean the rate limiter answered: the
+/// wording is undocumented [U], so any of these, in any case, will do.
+const THROTTLE_WORDS: [&str; 6] = [
+    "rate limit",
+    "rate-limit",
+    "ratelimit",
+    "too many requests",
+    "throttl",
+    "slow down",
+];
+
+/// Whether an error answer is the server's rate limiter: a 429 always; a
+/// 503 (the status the reference gives for a throttled request [S], but
+/// also any server's "unavailable") only with a sign of it: a `Retry-After`
+/// header, or a message that speaks of rate limits. A plain 503 is a server
+/// error.
+fn is_throttle_answer(status: StatusCode, retry_after: bool, messages: &ApiMessages) -> bool {
+    match status {
+        StatusCode::TOO_MANY_REQUESTS => true,
+        StatusCode::SERVICE_UNAVAILABLE => {
+            retry_after || THROTTLE_WORDS.iter().any(|w| messages.mentions(w))
+        }
+        _ => false,
+    }
+}
+
 /// `Retry-After` as seconds or an HTTP date. Zero means no hint.
 pub fn parse_retry_after(v: &str) -> Option<Duration> {
     let v = v.trim();
@@ -635,6 +760,27 @@ pub fn parse_retry_after(v: &str) -> Option<Duration> {
         when.duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO),
     )
+}
+
+/// An error and every error under it, outermost first. An `io::Error`'s
+/// `source()` skips the error it wraps (rustls's, say, often inside two of
+/// them), so wrapped errors are visited too.
+fn error_chain<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Vec<&'a (dyn std::error::Error + 'static)> {
+    let mut out = Vec::new();
+    let mut next = Some(e);
+    while let Some(s) = next {
+        out.push(s);
+        next = match s
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => s.source(),
+        };
+    }
+    out
 }
 
 /// A network error, described without its URL (which names the host and
@@ -728,6 +874,41 @@ mod tests {
                 String::from_utf8_lossy(other)
             );
         }
+    }
+
+    #[test]
+    fn a_503_is_throttling_only_with_a_sign_of_it() {
+        let throttled = |status: u16, retry_after: bool, body: &str| {
+            is_throttle_answer(
+                StatusCode::from_u16(status).unwrap(),
+                retry_after,
+                &ApiMessages::parse(body.as_bytes()),
+            )
+        };
+        for body in [
+            r#"{"errors":[{"code":null,"message":"Rate limit exceeded. Please slow down."}]}"#,
+            r#"{"error":"Too Many Requests"}"#,
+            r#"{"errors":["THROTTLED"]}"#,
+            "Rate-Limit reached",
+            "you are being ratelimited",
+        ] {
+            assert!(throttled(503, false, body), "{body}");
+        }
+        assert!(throttled(
+            503,
+            true,
+            r#"{"errors":["Service Unavailable"]}"#
+        ));
+        assert!(throttled(503, true, ""));
+        assert!(throttled(429, false, ""));
+        assert!(!throttled(
+            503,
+            false,
+            r#"{"errors":["Service Unavailable"]}"#
+        ));
+        assert!(!throttled(503, false, ""));
+        assert!(!throttled(500, true, "rate limit exceeded"));
+        assert!(!throttled(502, false, "<html>Bad Gateway</html>"));
     }
 
     #[test]

@@ -283,10 +283,36 @@ pub enum ApiError {
         cause: String,
     },
 
+    /// The API could not be reached in a way that waiting will not mend (a
+    /// certificate, a name that does not resolve, nothing listening before
+    /// anything answered): never retried, and the run stops.
+    #[error("failed to {op}: could not reach the API: {reason}")]
+    Unreachable {
+        op: &'static str,
+        reason: Unreachable,
+    },
+
     /// A create was sent but no answer came back that says whether it was
     /// applied. The caller must look the record up before trying again.
     #[error("failed to {op}: outcome unknown, it may or may not have been applied ({cause})")]
-    OutcomeUnknown { op: &'static str, cause: String },
+    OutcomeUnknown {
+        op: &'static str,
+        /// The HTTP status of the answer, if one came (a 5xx or 408).
+        status: Option<u16>,
+        cause: String,
+    },
+
+    /// The server kept refusing as unavailable (plain 503s) a request that
+    /// it did not apply, through every attempt: nothing was lost, so the run
+    /// stops to be resumed later rather than giving up on the row.
+    #[error(
+        "failed to {op}: the API was unavailable {attempts} times in a row ({cause}). hint: run the same command again later; it resumes where it stopped"
+    )]
+    Unavailable {
+        op: &'static str,
+        attempts: u32,
+        cause: String,
+    },
 
     #[error("failed to {op}: unexpected response (HTTP {status}): {cause}")]
     Decode {
@@ -297,6 +323,36 @@ pub enum ApiError {
 
     #[error("stopped before {op}: the run was interrupted")]
     Cancelled { op: &'static str },
+}
+
+/// What could not be reached, and how. Each names the host (and port, for
+/// a connection), never the path or the query.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unreachable {
+    #[error(
+        "network: connection refused to {addr}. hint: check --base-url, and that the server is running and reachable from here"
+    )]
+    Refused { addr: String },
+
+    #[error(
+        "network: no route to {addr} ({cause}). hint: check the network connection and --base-url"
+    )]
+    NoRoute { addr: String, cause: String },
+
+    #[error(
+        "DNS: could not resolve {host} ({cause}). hint: check the host name in --base-url and this machine's DNS settings"
+    )]
+    Dns { host: String, cause: String },
+
+    #[error(
+        "TLS: certificate not trusted for {host} ({cause}). hint: the server must present a valid certificate for {host} from a public certificate authority; prefsync never skips the check"
+    )]
+    Certificate { host: String, cause: String },
+
+    #[error(
+        "TLS: handshake with {host} failed ({cause}). hint: check that --base-url is the https:// address of the API"
+    )]
+    Handshake { host: String, cause: String },
 }
 
 impl ApiError {
@@ -330,7 +386,10 @@ impl ApiError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            ApiError::Throttled { .. } | ApiError::Server { .. } | ApiError::Transport { .. }
+            ApiError::Throttled { .. }
+                | ApiError::Server { .. }
+                | ApiError::Transport { .. }
+                | ApiError::Unavailable { .. }
         )
     }
 }

@@ -151,19 +151,26 @@ impl FromStr for RateOverride {
         let usage =
             || format!("invalid --rate {s:?}: expected CLASS=N/PERIOD, e.g. testers-list=60/1m");
         let (class, rest) = s.split_once('=').ok_or_else(usage)?;
-        let (count, period) = rest.split_once('/').ok_or_else(usage)?;
         let class: RateClass = class.trim().parse()?;
+        let quota: Quota = rest
+            .parse()
+            .map_err(|e| format!("invalid --rate {s:?}: {e}"))?;
+        Ok(RateOverride { class, quota })
+    }
+}
+
+/// `N/PERIOD`, e.g. `60/1m`.
+impl FromStr for Quota {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = || "expected N/PERIOD, e.g. 60/1m".to_string();
+        let (count, period) = s.split_once('/').ok_or_else(usage)?;
         let count: u32 = count.trim().parse().map_err(|_| usage())?;
         if count == 0 {
-            return Err(format!(
-                "invalid --rate {s:?}: the count must be at least 1"
-            ));
+            return Err("the count must be at least 1".into());
         }
         let period = parse_period(period.trim()).ok_or_else(usage)?;
-        Ok(RateOverride {
-            class,
-            quota: Quota::new(count, period),
-        })
+        Ok(Quota::new(count, period))
     }
 }
 

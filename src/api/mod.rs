@@ -7,6 +7,6 @@ pub mod limiter;
 pub mod models;
 
 pub use client::{ApiKey, Client, ClientStats, PAGE_SIZE, Page, Reply, RetryPolicy};
-pub use error::{ApiError, ApiMessage, ApiMessages, Op};
+pub use error::{ApiError, ApiMessage, ApiMessages, Op, Unreachable};
 pub use limiter::{Limiter, Quota, RateClass, RateOverride};
 pub use models::{Beta, Pagination, Point, Reward, Suppression, Tester, TesterInput};

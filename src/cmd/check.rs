@@ -71,6 +71,12 @@ impl fmt::Display for CheckReport {
                     n("rejected_testers_count"),
                 )?;
             }
+            // Unread because nothing answered: the key is not to blame.
+            None if matches!(self.failure, Some(ApiError::Unreachable { .. })) => writeln!(
+                f,
+                "project: --beta {} (not read: the API could not be reached)",
+                self.beta
+            )?,
             None => writeln!(
                 f,
                 "project: --beta {} (details not readable with this key)",

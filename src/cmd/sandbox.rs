@@ -47,6 +47,7 @@ pub fn config_from_args(a: &SandboxArgs) -> anyhow::Result<SandboxConfig> {
         keys,
         rate_scale: a.rate_scale,
         throttle_status: a.throttle_status,
+        write_limit: a.write_limit.map(|q| (q.count, q.period)),
         retry_after: a.retry_after,
         seed: a.seed,
         fail_rate: a.fail_rate,

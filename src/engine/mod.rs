@@ -699,6 +699,7 @@ pub async fn run<O: Operation>(
     // --max-duration stops the run cleanly.
     let timer = opts.max_duration.map(|d| stop.after(d));
     let fatal = worker::work_all(
+        client.clone(),
         op.clone(),
         opts.concurrency,
         opts.dry_run,

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::coordinator::{Job, ToCoordinator, WORK_CHUNK};
 use super::{Decision, Doubt, Effect, Intent, Operation, Sent, cells_json};
-use crate::api::ApiError;
+use crate::api::{ApiError, Client};
 use crate::checkpoint::RowUpdate;
 use crate::stop::Stop;
 
@@ -32,6 +32,8 @@ const REPORT_AFTER: Duration = Duration::from_millis(250);
 
 struct Ctx<O> {
     op: Arc<O>,
+    /// For the pause before a call refused by a plain 503 is sent again.
+    client: Client,
     dry_run: bool,
     coordinator: mpsc::Sender<ToCoordinator>,
     stop: Stop,
@@ -41,6 +43,7 @@ struct Ctx<O> {
 /// Runs `concurrency` workers until the queue is closed and empty. Returns
 /// the failure that stopped the run, if one did.
 pub(super) async fn work_all<O: Operation>(
+    client: Client,
     op: Arc<O>,
     concurrency: usize,
     dry_run: bool,
@@ -50,6 +53,7 @@ pub(super) async fn work_all<O: Operation>(
 ) -> anyhow::Result<Option<ApiError>> {
     let ctx = Arc::new(Ctx {
         op,
+        client,
         dry_run,
         coordinator,
         stop,
@@ -149,6 +153,8 @@ fn classify<R>(job: &Job<R>, e: ApiError) -> Outcome {
     match e {
         e if e.is_access_denied() => Outcome::Abort(e),
         e @ (ApiError::Throttled { .. }
+        | ApiError::Unreachable { .. }
+        | ApiError::Unavailable { .. }
         | ApiError::ProjectNotFound { .. }
         | ApiError::Cancelled { .. }) => Outcome::Abort(e),
         e @ (ApiError::Server { .. } | ApiError::Transport { .. }) => {
@@ -200,6 +206,7 @@ async fn process<O: Operation>(ctx: &Ctx<O>, job: &mut Job<O::Row>) -> Outcome {
         }
     }
     let mut unknown = 0;
+    let mut refused = 0;
     for _ in 0..=REDECIDES {
         let intent = match op.decide(&mut job.row).await {
             Ok(Decision::Done { action, target }) => return done(job, action, target),
@@ -223,15 +230,34 @@ async fn process<O: Operation>(ctx: &Ctx<O>, job: &mut Job<O::Row>) -> Outcome {
                     return rejected(job, "rejected_by_api", status, message);
                 }
                 Ok(Sent::Redecide) => break,
-                Err(ApiError::OutcomeUnknown { cause, .. }) => {
-                    unknown += 1;
+                Err(ApiError::OutcomeUnknown {
+                    op: call,
+                    cause,
+                    status,
+                }) => {
                     tracing::debug!(line = job.line, %cause, "{intent}: outcome unknown; asking whether it took effect");
                     match op
                         .find_effect(&mut job.row, Doubt::OutcomeUnknown(intent))
                         .await
                     {
                         Ok(Effect::Done { action, target }) => return done(job, action, target),
-                        Ok(Effect::NotDone) if unknown < SEND_TRIES => continue,
+                        // A 503 says the server did not take the request
+                        // on, and the check agrees: a refusal, not a doubt,
+                        // so it does not use up the row's tries; the client
+                        // paces it and stops the run (resumable) if the
+                        // server stays down.
+                        Ok(Effect::NotDone) if status == Some(503) => {
+                            refused += 1;
+                            if let Err(e) = ctx.client.pause_to_resend(call, refused, &cause).await
+                            {
+                                return Outcome::Abort(e);
+                            }
+                            continue;
+                        }
+                        Ok(Effect::NotDone) if unknown + 1 < SEND_TRIES => {
+                            unknown += 1;
+                            continue;
+                        }
                         Ok(Effect::NotDone) => {
                             return rejected(
                                 job,

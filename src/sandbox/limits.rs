@@ -19,17 +19,22 @@ pub enum LimitClass {
     RewardsList,
     PointsList,
     Betas,
+    /// Every write, for the whole company. Not a documented limit: off unless
+    /// [`super::SandboxConfig::write_limit`] sets one.
+    Writes,
 }
 
 impl LimitClass {
-    fn quota(self) -> (u32, Duration) {
-        match self {
+    /// The documented quota; `None` for a class that has none.
+    fn documented(self) -> Option<(u32, Duration)> {
+        Some(match self {
             LimitClass::TestersList | LimitClass::RewardsList | LimitClass::PointsList => {
                 (60, Duration::from_secs(60))
             }
             LimitClass::AccountList => (180, Duration::from_secs(60)),
             LimitClass::Betas => (90, Duration::from_secs(900)),
-        }
+            LimitClass::Writes => return None,
+        })
     }
     fn name(self) -> &'static str {
         match self {
@@ -38,6 +43,7 @@ impl LimitClass {
             LimitClass::RewardsList => "rewards-list",
             LimitClass::PointsList => "points-list",
             LimitClass::Betas => "betas",
+            LimitClass::Writes => "writes",
         }
     }
 }
@@ -52,35 +58,51 @@ struct Window {
 
 pub struct Limits {
     scale: f64,
+    /// The write quota, as given (not scaled: there is no documented one).
+    writes: Option<(u32, Duration)>,
     windows: Mutex<BTreeMap<String, Window>>,
     started: Instant,
 }
 
 impl Limits {
-    pub fn new(scale: f64) -> Limits {
+    pub fn new(scale: f64, writes: Option<(u32, Duration)>) -> Limits {
         Limits {
             scale,
+            writes,
             windows: Mutex::new(BTreeMap::new()),
             started: Instant::now(),
+        }
+    }
+
+    /// The quota enforced for a class, if any: the documented ones scaled
+    /// (and off at scale 0), the write quota as configured.
+    fn quota(&self, class: LimitClass) -> Option<(u32, Duration)> {
+        match class.documented() {
+            Some(_) if self.scale <= 0.0 => None,
+            Some((limit, period)) => Some((limit, period.div_f64(self.scale))),
+            None => self.writes,
         }
     }
 
     /// Counts a request against every window it falls in; false when any of
     /// them is full (the request is then refused and not counted).
     pub fn admit(&self, classes: &[(LimitClass, String)]) -> bool {
-        if self.scale <= 0.0 {
+        let classes: Vec<_> = classes
+            .iter()
+            .filter_map(|(c, scope)| Some((*c, scope, self.quota(*c)?)))
+            .collect();
+        if classes.is_empty() {
             return true;
         }
         let now = Instant::now();
         let mut windows = self.windows.lock().unwrap();
         let mut ok = true;
-        for (class, scope) in classes {
-            let (limit, period) = class.quota();
+        for (class, scope, (limit, period)) in &classes {
             let w = windows
                 .entry(format!("{}:{scope}", class.name()))
                 .or_insert_with(|| Window {
-                    limit,
-                    period: period.div_f64(self.scale),
+                    limit: *limit,
+                    period: *period,
                     recent: VecDeque::new(),
                     arrivals: Vec::new(),
                     refused: 0,
@@ -96,7 +118,7 @@ impl Limits {
                 ok = false;
             }
         }
-        for (class, scope) in classes {
+        for (class, scope, _) in &classes {
             let w = windows
                 .get_mut(&format!("{}:{scope}", class.name()))
                 .unwrap();

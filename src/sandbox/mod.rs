@@ -34,6 +34,10 @@ pub struct SandboxConfig {
     /// Zero turns rate limiting off.
     pub rate_scale: f64,
     pub throttle_status: u16,
+    /// At most this many writes per period for the whole company, answered
+    /// like any throttled request past it. Prefinery documents no write
+    /// limit, so this is off by default; it rehearses a server that has one.
+    pub write_limit: Option<(u32, Duration)>,
     pub retry_after: Option<u64>,
     pub seed: u64,
     /// 5xx before the request is applied.
@@ -57,6 +61,7 @@ impl Default for SandboxConfig {
             keys: Keys::default(),
             rate_scale: 1.0,
             throttle_status: 503,
+            write_limit: None,
             retry_after: None,
             seed: 1,
             fail_rate: 0.0,
@@ -90,7 +95,7 @@ impl App {
             world.seed_testers(1, config.seed_testers);
         }
         Ok(Arc::new(App {
-            limits: limits::Limits::new(config.rate_scale),
+            limits: limits::Limits::new(config.rate_scale, config.write_limit),
             faults: faults::Faults::new(&config),
             stats: limits::Stats::default(),
             world: Mutex::new(world),

@@ -446,13 +446,17 @@ async fn handle(
         },
         None => None,
     };
-    if !route.limits.is_empty() {
+    if !route.limits.is_empty() || route.write {
+        let writes = route.write.then_some(&LimitClass::Writes);
         let scopes: Vec<(LimitClass, String)> = route
             .limits
             .iter()
+            .chain(writes)
             .map(|c| {
                 let scope = match c {
-                    LimitClass::AccountList | LimitClass::Betas => "company".to_string(),
+                    LimitClass::AccountList | LimitClass::Betas | LimitClass::Writes => {
+                        "company".to_string()
+                    }
                     _ => beta.unwrap_or(0).to_string(),
                 };
                 (*c, scope)
