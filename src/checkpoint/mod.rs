@@ -112,6 +112,60 @@ ALTER TABLE known RENAME COLUMN tester_id TO target_id;
 UPDATE runs SET kind = 'testers.import' WHERE kind = 'import';
 ";
 
+/// A new checkpoint is created at the current version in one step; the
+/// steps above bring older files to it. Stepping a new file through every
+/// migration re-parses the whole schema at each `RENAME COLUMN`. The test
+/// `a_new_checkpoint_has_the_schema_the_migrations_reach` holds the two
+/// paths to the same tables.
+const SCHEMA_CURRENT: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,           -- the operation: testers.import, points.add, ...
+    input_path TEXT NOT NULL,
+    input_size INTEGER,
+    input_hash TEXT,
+    beta TEXT NOT NULL,
+    options TEXT NOT NULL,
+    state TEXT NOT NULL,          -- planning, running, stopped, done
+    planned INTEGER NOT NULL DEFAULT 0,
+    total_rows INTEGER,
+    started_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    finished_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS rows (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    line INTEGER NOT NULL,
+    key TEXT,                    -- the row's key (a lower-cased email, an id); NULL when it has none
+    state TEXT NOT NULL,         -- pending, sending, done, rejected, skipped
+    intent TEXT,                 -- what is being sent (create, update, ...), while sending
+    action TEXT,                 -- the operation's action, rejected or skipped
+    target_id INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error_class TEXT,            -- validation, rejected_by_api, retries_exhausted, outcome_unknown; a skip's class
+    http_status INTEGER,
+    message TEXT,
+    raw TEXT,                    -- the original cells (JSON array), kept for rejected rows
+    detail TEXT,                 -- what the operation needs to prove a call's effect
+    PRIMARY KEY (run_id, line)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS known (
+    run_id INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    target_id INTEGER NOT NULL,
+    record TEXT NOT NULL,        -- the record as listed (JSON)
+    PRIMARY KEY (run_id, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outcomes (
+    run_id INTEGER NOT NULL,
+    line INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    target_id INTEGER NOT NULL,
+    PRIMARY KEY (run_id, line)
+) WITHOUT ROWID;
+";
+
 /// A row of `rows` with no outcome (the table's alias must be `rows`). A
 /// macro, so statements take it in with `concat!`, once, at compile time.
 macro_rules! no_outcome {
@@ -434,7 +488,18 @@ impl Checkpoint {
                 path.display()
             );
         }
-        // One step at a time, each in its own transaction.
+        if version == 0 {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(SCHEMA_CURRENT)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)",
+                [SCHEMA_VERSION.to_string()],
+            )?;
+            tx.commit()?;
+        }
+        // Older files: one step at a time, each in its own transaction.
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         let steps: [(i64, &str); 4] = [
             (1, SCHEMA_V1),
             (2, MIGRATE_V2),
@@ -1403,6 +1468,31 @@ mod tests {
                 (3, "b@x.io".to_string(), "created".to_string(), 30)
             ]
         );
+    }
+
+    #[test]
+    fn a_new_checkpoint_has_the_schema_the_migrations_reach() {
+        fn tables(conn: &Connection) -> Vec<(String, String, String)> {
+            let mut st = conn
+                .prepare(
+                    "SELECT m.name, p.name, p.type FROM sqlite_master m, pragma_table_info(m.name) p \
+                     WHERE m.type = 'table' ORDER BY m.name, p.cid",
+                )
+                .unwrap();
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        }
+        let (_dir, path) = file();
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let migrated = Checkpoint::open(&path).unwrap();
+        let new = Checkpoint::in_memory().unwrap();
+        assert_eq!(tables(migrated.conn()), tables(new.conn()));
     }
 
     #[test]

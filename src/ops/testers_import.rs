@@ -98,11 +98,11 @@ impl TestersImport {
     /// The user as it stands, from what the row learnt or the API.
     async fn current(&self, row: &mut ImportRow) -> Result<Option<Value>, ApiError> {
         if let Some(known) = row.learnt.take() {
-            return Ok(known);
+            return Ok(*known);
         }
         match self.resolve {
             None => Ok(None),
-            Some(Resolve::List) => Ok(row.known.clone()),
+            Some(Resolve::List) => Ok(row.known.as_deref().cloned()),
             Some(Resolve::Lookup) => self.lookup(row.email()).await,
         }
     }
@@ -114,14 +114,16 @@ pub struct ImportRow {
     email_key: String,
     input: TesterInput,
     /// The user as the project listing showed it (`--resolve list`).
-    known: Option<Value>,
+    /// Boxed, as the rest: rows are moved through queues, and most rows
+    /// never have these.
+    known: Option<Box<Value>>,
     /// The user as a lookup just found it (`Some(None)`: not there), for
     /// the next decision.
-    learnt: Option<Option<Value>>,
+    learnt: Option<Box<Option<Value>>>,
     /// The status was the default for new users, not the file's.
     defaulted: bool,
     /// The update the decision made.
-    change: Option<(u64, TesterInput)>,
+    change: Option<Box<(u64, TesterInput)>>,
 }
 
 impl ImportRow {
@@ -350,12 +352,14 @@ impl Operation for TestersImport {
         if self.resolve == Some(Resolve::List) {
             row.known = ck
                 .known(run, &row.email_key)?
-                .and_then(|s| serde_json::from_str(&s).ok());
+                .and_then(|s| serde_json::from_str(&s).ok())
+                .map(Box::new);
         }
         Ok(match (self.resolve, &row.known, self.mode) {
             (None, _, _) => Some("create"),
             (Some(Resolve::List), None, Mode::Upsert | Mode::Create) => Some("create"),
             (Some(Resolve::List), Some(t), Mode::Upsert | Mode::Update) => {
+                let t: &Value = t;
                 mapping::diff(t, &row.input).map(|_| "update")
             }
             _ => None,
@@ -369,7 +373,7 @@ impl Operation for TestersImport {
         // lookup tells.
         let (found, intent) = match doubt {
             Doubt::InFlightAtStop(intent) if self.resolve == Some(Resolve::List) => {
-                (row.known.clone(), intent)
+                (row.known.as_deref().cloned(), intent)
             }
             Doubt::InFlightAtStop(intent) => (self.lookup(row.email()).await?, intent),
             Doubt::OutcomeUnknown(intent) => (self.lookup(row.email()).await?, Some(intent)),
@@ -386,7 +390,7 @@ impl Operation for TestersImport {
             },
             _ => Effect::NotDone,
         };
-        row.learnt = Some(found);
+        row.learnt = Some(Box::new(found));
         Ok(effect)
     }
 
@@ -408,7 +412,7 @@ impl Operation for TestersImport {
                         target: id,
                     },
                     Some(change) => {
-                        row.change = Some((id, change));
+                        row.change = Some(Box::new((id, change)));
                         Decision::Send("update")
                     }
                 }
@@ -433,7 +437,7 @@ impl Operation for TestersImport {
 
     async fn send(&self, row: &mut ImportRow, intent: Intent) -> Result<Sent, ApiError> {
         if intent == "update" {
-            let (id, change) = row.change.as_ref().expect("an update decided its change");
+            let (id, change) = row.change.as_deref().expect("an update decided its change");
             self.client.update_tester(&self.beta, *id, change).await?;
             return Ok(Sent::Done {
                 action: "updated",
@@ -457,7 +461,7 @@ impl Operation for TestersImport {
                             row.input.status = None;
                             row.defaulted = false;
                         }
-                        row.learnt = Some(Some(t));
+                        row.learnt = Some(Box::new(Some(t)));
                         Ok(Sent::Redecide)
                     }
                     _ => Ok(Sent::Rejected {
