@@ -2,3 +2,5 @@
 //! (parse a row, decide, send, find out whether a call took effect).
 
 pub mod testers_import;
+pub mod points;
+pub mod rewards;
