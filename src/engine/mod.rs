@@ -580,6 +580,21 @@ pub async fn run<O: Operation>(
                 sent
             );
             let summary = summary_of_done(&op, &ck, &done, opts, started)?;
+            // The subscribers hear of it too: a --summary-json that a
+            // script reads says that nothing was sent, instead of being
+            // missing (or a stale file). No report is rewritten.
+            let headers = CsvInput::open(&source, opts.encoding, opts.delimiter)?.headers;
+            subscribers.send(&Event::Finished {
+                summary: &summary,
+                records: &report::RunRecords {
+                    checkpoint: &ck,
+                    run: done.id,
+                    headers: &headers,
+                    key_name: op.key_name(),
+                    errors: None,
+                    results: None,
+                },
+            })?;
             return Ok((summary, Arc::new(op)));
         }
         tracing::warn!(
