@@ -383,7 +383,10 @@ async fn rewards_issue_happy_path_unchanged_and_bad_rows() {
     assert_eq!(f.calls("rewards.create"), creates);
 
     // --again issues to a user who holds it already.
-    let again = f.file("again.csv", "email,descriptor\nuser30@example.com,early-access\n");
+    let again = f.file(
+        "again.csv",
+        "email,descriptor\nuser30@example.com,early-access\n",
+    );
     let (code, err, s) = f.run(&["rewards", "issue"], &again, &["--again"]).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(s["issued"], 1, "{s}");
@@ -430,7 +433,12 @@ fn issue_file(n: usize, descriptor: &str) -> String {
 /// revoked; those are `unchanged`).
 fn assert_issued_once(f: &Fixture, n: usize, descriptor: &str) {
     let wrong: Vec<(usize, usize)> = (1..=n)
-        .map(|i| (i, f.rewards(&format!("user{i}@example.com"), descriptor).len()))
+        .map(|i| {
+            (
+                i,
+                f.rewards(&format!("user{i}@example.com"), descriptor).len(),
+            )
+        })
         .filter(|(_, have)| *have != 1)
         .collect();
     assert!(wrong.is_empty(), "(user, rewards held): {wrong:?}");
@@ -439,7 +447,10 @@ fn assert_issued_once(f: &Fixture, n: usize, descriptor: &str) {
 /// The users `1..=n` that hold `descriptor` now.
 fn holders(f: &Fixture, n: usize, descriptor: &str) -> Vec<usize> {
     (1..=n)
-        .filter(|i| !f.rewards(&format!("user{i}@example.com"), descriptor).is_empty())
+        .filter(|i| {
+            !f.rewards(&format!("user{i}@example.com"), descriptor)
+                .is_empty()
+        })
         .collect()
 }
 
@@ -512,8 +523,14 @@ async fn rewards_deliver_by_id_and_by_holder_unchanged_ambiguous_and_revoked() {
         "{s}"
     );
     assert_eq!(s["unchanged_already_delivered"], 1, "{s}");
-    assert_eq!(f.rewards("user1@example.com", "early-access")[0].1, "delivered");
-    assert_eq!(f.rewards("user2@example.com", "free-month")[0].1, "delivered");
+    assert_eq!(
+        f.rewards("user1@example.com", "early-access")[0].1,
+        "delivered"
+    );
+    assert_eq!(
+        f.rewards("user2@example.com", "free-month")[0].1,
+        "delivered"
+    );
     assert_eq!(f.rewards("user3@example.com", "t-shirt")[0].1, "earned");
     let report = f.errors_report();
     assert!(report.contains(&format!("ids {d1}, {d2}")), "{report}");
@@ -723,7 +740,10 @@ async fn rewards_issue_kill_9_then_resume_issues_each_reward_once() {
         f.give(&format!("user{i}@example.com"), "free-month");
     }
     let held: Vec<usize> = (1..=N)
-        .map(|i| f.rewards(&format!("user{i}@example.com"), "free-month").len())
+        .map(|i| {
+            f.rewards(&format!("user{i}@example.com"), "free-month")
+                .len()
+        })
         .collect();
     let file = f.file("i.csv", &issue_file(N, "free-month"));
     let before = f.all_rewards().len();
@@ -738,12 +758,17 @@ async fn rewards_issue_kill_9_then_resume_issues_each_reward_once() {
     assert_eq!(fields(&s, &["issued", "unchanged"]), [N as u64, 0], "{s}");
     let wrong: Vec<(usize, usize, usize)> = (1..=N)
         .map(|i| {
-            let now = f.rewards(&format!("user{i}@example.com"), "free-month").len();
+            let now = f
+                .rewards(&format!("user{i}@example.com"), "free-month")
+                .len();
             (i, held[i - 1], now)
         })
         .filter(|(_, was, now)| *now != was + 1)
         .collect();
-    assert!(wrong.is_empty(), "(user, held before, holds now): {wrong:?}");
+    assert!(
+        wrong.is_empty(),
+        "(user, held before, holds now): {wrong:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -774,5 +799,29 @@ async fn rewards_deliver_and_revoke_kill_9_then_resume_label_every_row() {
         // `unchanged`: the rows in flight at the kill were asked about.
         assert_eq!(fields(&s, &[status, "unchanged"]), [N as u64, 0], "{s}");
         assert_eq!(count(status), N);
+    }
+}
+
+#[test]
+fn prefsync_help_lists_the_operations_and_each_has_an_example() {
+    use clap::CommandFactory as _;
+    let top = Cli::command().render_help().to_string();
+    assert!(top.contains("points") && top.contains("rewards"), "{top}");
+    for (group, op) in [
+        ("points", "add"),
+        ("rewards", "issue"),
+        ("rewards", "deliver"),
+        ("rewards", "revoke"),
+    ] {
+        let mut cli = Cli::command();
+        let sub = cli
+            .find_subcommand_mut(group)
+            .and_then(|g| g.find_subcommand_mut(op))
+            .unwrap();
+        let help = sub.render_long_help().to_string();
+        assert!(
+            help.contains("Example:") && help.contains(&format!("prefsync {group} {op} --beta")),
+            "{help}"
+        );
     }
 }

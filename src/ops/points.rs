@@ -237,7 +237,10 @@ impl Operation for PointsAdd {
             return Ok(Effect::NotDone);
         }
         Ok(
-            match self.find_marked(&row.email, &self.marker_of(row.line)).await? {
+            match self
+                .find_marked(&row.email, &self.marker_of(row.line))
+                .await?
+            {
                 Some(id) => Effect::Done {
                     action: ADDED,
                     target: id,

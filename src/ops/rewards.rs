@@ -465,8 +465,8 @@ impl Operation for RewardsChange {
                 (format!("reward {id}"), Target::Id(id))
             }
             None => {
-                let (email, descriptor) = holder(&self.columns, cells)
-                    .map_err(|e| format!("no reward_id, and {e}"))?;
+                let (email, descriptor) =
+                    holder(&self.columns, cells).map_err(|e| format!("no reward_id, and {e}"))?;
                 (
                     format!("{} {descriptor}", email.to_lowercase()),
                     Target::Holder { email, descriptor },
