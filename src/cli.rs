@@ -135,6 +135,10 @@ pub enum Command {
     Export(ExportArgs),
     /// The compiled-in mappings for other tools' exports (--preset).
     Preset(PresetCmd),
+    /// Bulk: add points to users from a CSV (email, quantity, reason). Exactly once, resumable.
+    Points(PointsCmd),
+    /// Bulk: issue, deliver or revoke rewards from a CSV. Exactly once, resumable.
+    Rewards(RewardsCmd),
 }
 
 /// The flags every bulk operation takes (points, rewards, suppressions,
@@ -185,6 +189,103 @@ pub struct BulkArgs {
     /// In the rejected-rows report, put a ' before cells that Excel would run as formulas.
     #[arg(long)]
     pub excel_safe: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PointsCmd {
+    #[command(subcommand)]
+    pub what: PointsWhat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PointsWhat {
+    /// Give each row's user its points: columns email, quantity (a non-zero whole number), reason (optional).
+    #[command(after_help = POINTS_ADD_HELP)]
+    Add(PointsAddArgs),
+}
+
+const POINTS_ADD_HELP: &str = "\
+Exactly once: each point's reason ends with a marker, [ps:RUN:LINE] (this run's token and the \
+row's line), shown on the user's profile. When an answer is lost or the run is killed with calls \
+in flight, the user's points are listed (points-list quota, 60 a minute) and the marker tells \
+whether the point was given. With --no-marker the reason is sent as it is and such a row is sent \
+again: at least once, a point may be given twice. A file already done is not sent again unless \
+--fresh.
+
+Example:
+  printf 'email,quantity,reason\\nada@example.com,10,Conference\\n' > points.csv
+  prefsync points add --beta 1 --file points.csv --dry-run
+  prefsync points add --beta 1 --file points.csv";
+
+#[derive(Debug, Args)]
+pub struct PointsAddArgs {
+    #[command(flatten)]
+    pub bulk: BulkArgs,
+    /// Send each reason as it is, without the marker: a point whose answer is lost is sent again
+    /// (at least once, not exactly once).
+    #[arg(long)]
+    pub no_marker: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RewardsCmd {
+    #[command(subcommand)]
+    pub what: RewardsWhat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RewardsWhat {
+    /// Issue each row's user a reward by its descriptor: columns email, descriptor.
+    #[command(after_help = REWARDS_ISSUE_HELP)]
+    Issue(RewardsIssueArgs),
+    /// Mark rewards delivered: column reward_id, or email and descriptor.
+    #[command(after_help = REWARDS_DELIVER_HELP)]
+    Deliver(RewardsChangeArgs),
+    /// Revoke rewards: column reward_id, or email and descriptor.
+    #[command(after_help = REWARDS_REVOKE_HELP)]
+    Revoke(RewardsChangeArgs),
+}
+
+const REWARDS_ISSUE_HELP: &str = "\
+A user who already holds the reward (earned or delivered) is left unchanged, unless --again. \
+Exactly once: before each create the user's rewards with that descriptor are listed and their \
+ids kept in the checkpoint; when an answer is lost or the run is killed with calls in flight, \
+they are listed again and a new one is this row's. Costs a rewards-list call a row (60 a minute).
+
+Example:
+  printf 'email,descriptor\\nada@example.com,early-access\\n' > issue.csv
+  prefsync rewards issue --beta 1 --file issue.csv";
+
+const REWARDS_DELIVER_HELP: &str = "\
+A reward already delivered is left unchanged; a revoked one is rejected. A row names the reward by \
+reward_id, or by email and descriptor (the user's one reward with that descriptor; several are \
+rejected, naming their ids).
+
+Example:
+  printf 'reward_id\\n1234\\n' > deliver.csv
+  prefsync rewards deliver --beta 1 --file deliver.csv";
+
+const REWARDS_REVOKE_HELP: &str = "\
+A reward already revoked is left unchanged. A row names the reward by reward_id, or by email and \
+descriptor (the user's one reward with that descriptor; several are rejected, naming their ids).
+
+Example:
+  printf 'email,descriptor\\nada@example.com,early-access\\n' > revoke.csv
+  prefsync rewards revoke --beta 1 --file revoke.csv";
+
+#[derive(Debug, Args)]
+pub struct RewardsIssueArgs {
+    #[command(flatten)]
+    pub bulk: BulkArgs,
+    /// Issue the reward even to a user who already holds it.
+    #[arg(long)]
+    pub again: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RewardsChangeArgs {
+    #[command(flatten)]
+    pub bulk: BulkArgs,
 }
 
 #[derive(Debug, Args)]

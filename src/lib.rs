@@ -59,6 +59,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
             cmd::import::run(&conn.client(), a, &beta, progress_for(&cli.global)).await
         }
         Command::Preset(p) => cmd::preset::run(&p.what),
+        Command::Points(p) => {
+            let conn = config::Connection::from_args(&cli.global)?;
+            let beta = conn.require_beta()?.to_string();
+            cmd::points::run(&conn.client(), &p.what, &beta, progress_for(&cli.global)).await
+        }
+        Command::Rewards(r) => {
+            let conn = config::Connection::from_args(&cli.global)?;
+            let beta = conn.require_beta()?.to_string();
+            cmd::rewards::run(&conn.client(), &r.what, &beta, progress_for(&cli.global)).await
+        }
         Command::Export(a) => {
             let conn = config::Connection::from_args(&cli.global)?;
             cmd::export::run(&conn.client(), a, &conn, progress_for(&cli.global)).await

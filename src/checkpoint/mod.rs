@@ -277,8 +277,14 @@ pub enum RowUpdate {
         to: u64,
         intent: Option<&'static str>,
     },
-    /// About to send a `create` or an `update`.
-    Sending { line: u64, intent: &'static str },
+    /// About to send a `create` or an `update`, with what the operation
+    /// needs to prove the call's effect after a kill (the records it saw
+    /// before a create with no natural key), made durable with the intent.
+    Sending {
+        line: u64,
+        intent: &'static str,
+        detail: Option<String>,
+    },
     /// Back to pending (stopped before it was sent).
     Pending { line: u64 },
     Done {
@@ -964,16 +970,30 @@ impl Checkpoint {
             }
             RowUpdate::Pending { line } => {
                 let mut st = self.conn.prepare_cached(concat!(
-                    "UPDATE rows SET state = 'pending', intent = NULL WHERE run_id = ?1 AND line = ?2 AND state = 'sending' AND ",
+                    "UPDATE rows SET state = 'pending', intent = NULL, detail = NULL WHERE run_id = ?1 AND line = ?2 AND state = 'sending' AND ",
                     no_outcome!()
                 ))?;
                 st.execute(params![run, *line as i64])?;
             }
-            RowUpdate::Sending { line, intent } => {
+            RowUpdate::Sending {
+                line,
+                intent,
+                detail: None,
+            } => {
                 let mut st = self.conn.prepare_cached(
                     "UPDATE rows SET state = 'sending', intent = ?3 WHERE run_id = ?1 AND line = ?2",
                 )?;
                 st.execute(params![run, *line as i64, intent])?;
+            }
+            RowUpdate::Sending {
+                line,
+                intent,
+                detail: Some(detail),
+            } => {
+                let mut st = self.conn.prepare_cached(
+                    "UPDATE rows SET state = 'sending', intent = ?3, detail = ?4 WHERE run_id = ?1 AND line = ?2",
+                )?;
+                st.execute(params![run, *line as i64, intent, detail])?;
             }
             RowUpdate::Done { .. } => self.apply_all(run, std::slice::from_ref(u))?,
             RowUpdate::Rejected {
@@ -1053,6 +1073,19 @@ impl Checkpoint {
             })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(v)
+    }
+
+    /// The detail a row's intent was made durable with, if any: read only
+    /// for the rows in flight when a run stopped, so not part of
+    /// [`Checkpoint::open_rows`].
+    pub fn detail(&self, run: i64, line: u64) -> anyhow::Result<Option<String>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT detail FROM rows WHERE run_id = ?1 AND line = ?2")?;
+        Ok(st
+            .query_row(params![run, line as i64], |r| r.get(0))
+            .optional()?
+            .flatten())
     }
 
     /// The run's rows by state. Tallied here rather than by a `GROUP BY`,
@@ -1314,6 +1347,26 @@ mod tests {
         ck.seen.borrow_mut().cap = 5;
         assert_eq!(ck.plan_row(run, 10, "3@x.io").unwrap(), Some(3));
         assert!(ck.seen.borrow().in_database);
+    }
+
+    #[test]
+    fn an_intent_keeps_its_detail_until_the_row_goes_back_to_pending() {
+        let ck = Checkpoint::in_memory().unwrap();
+        let run = run_in(&ck);
+        ck.plan_row(run, 2, "a@x.io").unwrap();
+        let sending = |detail: Option<&str>| RowUpdate::Sending {
+            line: 2,
+            intent: "issue",
+            detail: detail.map(str::to_string),
+        };
+        ck.apply(run, &sending(Some("[1,2]"))).unwrap();
+        assert_eq!(ck.detail(run, 2).unwrap().as_deref(), Some("[1,2]"));
+        // An intent made durable again without a detail keeps the one it had.
+        ck.apply(run, &sending(None)).unwrap();
+        assert_eq!(ck.detail(run, 2).unwrap().as_deref(), Some("[1,2]"));
+        ck.apply(run, &RowUpdate::Pending { line: 2 }).unwrap();
+        assert_eq!(ck.detail(run, 2).unwrap(), None);
+        assert_eq!(ck.detail(run, 99).unwrap(), None);
     }
 
     #[test]

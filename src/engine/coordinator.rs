@@ -51,6 +51,8 @@ pub(crate) struct Job<R> {
     pub was_sending: bool,
     /// What the stopped run was about to send for it, if it got that far.
     pub stopped_intent: Option<Intent>,
+    /// The detail that intent was made durable with.
+    pub stopped_detail: Option<String>,
     /// The intent on disk now. A call is sent only once its intent is
     /// durable, so a resume after kill -9 labels the row right.
     pub durable: Option<Intent>,
@@ -58,9 +60,9 @@ pub(crate) struct Job<R> {
 
 /// What workers tell the coordinator.
 pub(crate) enum ToCoordinator {
-    /// A worker's intent, decided after the dispatch (a lookup, a fallback);
-    /// acknowledged once committed.
-    Intend(u64, Intent, oneshot::Sender<()>),
+    /// A worker's intent, decided after the dispatch (a lookup, a fallback),
+    /// with the operation's detail; acknowledged once committed.
+    Intend(u64, Intent, Option<String>, oneshot::Sender<()>),
     /// What became of rows (a worker's chunk).
     Rows(Vec<RowUpdate>),
 }
@@ -164,12 +166,19 @@ impl<O: Operation> RowSource<O> {
                 .as_deref()
                 .and_then(|s| self.op.intent(s))
                 .map(|(i, _)| i);
+            // Only rows in flight at a stop have one: a read each, not a
+            // column of every open row.
+            let stopped_detail = match stopped_intent {
+                Some(_) if was_sending => ck.detail(self.run, line)?,
+                _ => None,
+            };
             b.jobs.push(Job {
                 line,
                 row,
                 raw: r.fields,
                 was_sending,
                 stopped_intent,
+                stopped_detail,
                 durable: stopped_intent.or(planned),
             });
         }
@@ -323,8 +332,15 @@ pub(super) async fn coordinate<O: Operation>(
         let mut updates = Vec::new();
         for m in held.drain(..) {
             match m {
-                ToCoordinator::Intend(line, intent, ack) => {
-                    ck.apply(run, &RowUpdate::Sending { line, intent })?;
+                ToCoordinator::Intend(line, intent, detail, ack) => {
+                    ck.apply(
+                        run,
+                        &RowUpdate::Sending {
+                            line,
+                            intent,
+                            detail,
+                        },
+                    )?;
                     acks.push(ack);
                 }
                 ToCoordinator::Rows(rows) => updates.extend(rows),

@@ -215,6 +215,20 @@ pub trait Operation: Send + Sync + Sized + 'static {
         Ok(None)
     }
 
+    /// Where the row is in the input, and the detail its intent was made
+    /// durable with when the last run stopped (a row in flight then):
+    /// given once, before the row is worked on. An operation that marks
+    /// what it creates with the row's line, or that compares records
+    /// before and after a create, keeps what it needs here.
+    fn place(&self, _row: &mut Self::Row, _line: u64, _stopped_detail: Option<String>) {}
+
+    /// What to make durable with `intent`, in the same write, for
+    /// [`Operation::find_effect`] to prove the call's effect after a kill
+    /// (the records there were before a create with no natural key).
+    fn detail(&self, _row: &Self::Row, _intent: Intent) -> Option<String> {
+        None
+    }
+
     /// Did the call in doubt take effect? Asked for a row found `sending`
     /// on resume and after every call whose outcome is unknown, before
     /// anything is retried.
@@ -566,6 +580,21 @@ pub async fn run<O: Operation>(
                 sent
             );
             let summary = summary_of_done(&op, &ck, &done, opts, started)?;
+            // The subscribers hear of it too: a --summary-json that a
+            // script reads says that nothing was sent, instead of being
+            // missing (or a stale file). No report is rewritten.
+            let headers = CsvInput::open(&source, opts.encoding, opts.delimiter)?.headers;
+            subscribers.send(&Event::Finished {
+                summary: &summary,
+                records: &report::RunRecords {
+                    checkpoint: &ck,
+                    run: done.id,
+                    headers: &headers,
+                    key_name: op.key_name(),
+                    errors: None,
+                    results: None,
+                },
+            })?;
             return Ok((summary, Arc::new(op)));
         }
         tracing::warn!(

@@ -171,17 +171,19 @@ fn classify<R>(job: &Job<R>, e: ApiError) -> Outcome {
     }
 }
 
-/// Makes `intent` durable before the call that carries it out, unless the
-/// dispatch already did. `false` when the coordinator is gone (the run is
+/// Makes `intent` durable before the call that carries it out, with the
+/// operation's detail, unless the dispatch already did (and there is no
+/// detail to keep). `false` when the coordinator is gone (the run is
 /// ending).
-async fn intend<O, R>(ctx: &Ctx<O>, job: &mut Job<R>, intent: Intent) -> bool {
-    if job.durable == Some(intent) {
+async fn intend<O: Operation>(ctx: &Ctx<O>, job: &mut Job<O::Row>, intent: Intent) -> bool {
+    let detail = ctx.op.detail(&job.row, intent);
+    if job.durable == Some(intent) && detail.is_none() {
         return true;
     }
     let (tx, rx) = oneshot::channel();
     if ctx
         .coordinator
-        .send(ToCoordinator::Intend(job.line, intent, tx))
+        .send(ToCoordinator::Intend(job.line, intent, detail, tx))
         .await
         .is_err()
         || rx.await.is_err()
@@ -194,6 +196,7 @@ async fn intend<O, R>(ctx: &Ctx<O>, job: &mut Job<R>, intent: Intent) -> bool {
 
 async fn process<O: Operation>(ctx: &Ctx<O>, job: &mut Job<O::Row>) -> Outcome {
     let op = &*ctx.op;
+    op.place(&mut job.row, job.line, job.stopped_detail.take());
     if job.was_sending {
         // The stopped run may have sent this row's call just before it died.
         match op
