@@ -215,6 +215,18 @@ pub trait Operation: Send + Sync + Sized + 'static {
         Ok(None)
     }
 
+    /// What to keep with the row's intent, written in the same commit
+    /// before the call: what [`Operation::find_effect`] needs to tell
+    /// whether a call that cannot be told apart from a second one took
+    /// effect (a count read before it, say). `None`: nothing.
+    fn detail(&self, _row: &Self::Row, _intent: Intent) -> Option<String> {
+        None
+    }
+
+    /// Gives a row found `sending` after a stop the detail written with
+    /// its intent, before [`Operation::find_effect`] is asked about it.
+    fn restore(&self, _row: &mut Self::Row, _detail: &str) {}
+
     /// Did the call in doubt take effect? Asked for a row found `sending`
     /// on resume and after every call whose outcome is unknown, before
     /// anything is retried.
