@@ -7,3 +7,5 @@ pub mod export;
 pub mod import;
 pub mod preset;
 pub mod sandbox;
+pub mod suppressions;
+pub mod testers;
