@@ -139,6 +139,10 @@ pub enum Command {
     Points(PointsCmd),
     /// Bulk: issue, deliver or revoke rewards from a CSV. Exactly once, resumable.
     Rewards(RewardsCmd),
+    /// Bulk: add or remove email suppressions from a CSV (resumable).
+    Suppressions(SuppressionsCmd),
+    /// Bulk: delete or check in users from a CSV (resumable).
+    Testers(TestersCmd),
 }
 
 /// The flags every bulk operation takes (points, rewards, suppressions,
@@ -286,6 +290,77 @@ pub struct RewardsIssueArgs {
 pub struct RewardsChangeArgs {
     #[command(flatten)]
     pub bulk: BulkArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct SuppressionsCmd {
+    #[command(subcommand)]
+    pub what: SuppressionsWhat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SuppressionsWhat {
+    /// Suppress emails: columns email, reason (Manual, the default, or Unsubscribe).
+    #[command(after_help = "\
+Unsubscribe also unsubscribes the user with that email: --dry-run counts those users first.
+An email suppressed already (error 2702) is `unchanged`, never rejected.
+
+Example:
+  printf 'email,reason\\nann@example.com,Manual\\nbob@example.com,Unsubscribe\\n' > supp.csv
+  prefsync suppressions add --beta 12345 --file supp.csv --dry-run
+  prefsync suppressions add --beta 12345 --file supp.csv --results supp.results.csv")]
+    Add(BulkArgs),
+    /// Remove suppressions: columns suppression_id, or email.
+    #[command(after_help = "\
+A suppression that is not there (removed already) is `unchanged`.
+
+Example:
+  prefsync suppressions remove --beta 12345 --file unsuppress.csv --results unsuppress.results.csv")]
+    Remove(BulkArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TestersCmd {
+    #[command(subcommand)]
+    pub what: TestersWhat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TestersWhat {
+    /// Delete users: columns id, or email. Refuses without --yes or --max-delete.
+    #[command(after_help = "\
+Before the first delete the users are counted (the run refuses without --yes, or past
+--max-delete) and their records written to a backup CSV that `prefsync import testers` takes.
+A user who is not there (deleted already) is `unchanged`.
+
+Example:
+  prefsync testers delete --beta 12345 --file leavers.csv --dry-run
+  prefsync testers delete --beta 12345 --file leavers.csv --max-delete 500 --backup leavers.backup.csv")]
+    Delete(DeleteArgs),
+    /// Check users in (each check-in is a visit): columns id, or email.
+    #[command(after_help = "\
+Not idempotent: a check-in sent twice counts two visits. Each user is read before the
+check-in; after an unknown outcome or a kill, it is read again and the check-in is sent
+again only if the user shows no new check-in. A finished file is not sent again (--fresh).
+
+Example:
+  prefsync testers checkin --beta 12345 --file logins.csv --results logins.results.csv")]
+    Checkin(BulkArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    pub bulk: BulkArgs,
+    /// Delete however many users the file names (without it, or --max-delete, the run refuses).
+    #[arg(long)]
+    pub yes: bool,
+    /// Delete only if at most N users would be deleted; refuse otherwise.
+    #[arg(long, value_name = "N")]
+    pub max_delete: Option<u64>,
+    /// The backup of the deleted users' records (default: beside the checkpoint, named after the run).
+    #[arg(long, value_name = "PATH")]
+    pub backup: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

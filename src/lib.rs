@@ -69,6 +69,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
             let beta = conn.require_beta()?.to_string();
             cmd::rewards::run(&conn.client(), &r.what, &beta, progress_for(&cli.global)).await
         }
+        Command::Suppressions(c) => {
+            let conn = config::Connection::from_args(&cli.global)?;
+            let beta = conn.require_beta()?.to_string();
+            cmd::suppressions::run(&conn.client(), &c.what, &beta, progress_for(&cli.global)).await
+        }
+        Command::Testers(c) => {
+            let conn = config::Connection::from_args(&cli.global)?;
+            let beta = conn.require_beta()?.to_string();
+            cmd::testers::run(&conn.client(), &c.what, &beta, progress_for(&cli.global)).await
+        }
         Command::Export(a) => {
             let conn = config::Connection::from_args(&cli.global)?;
             cmd::export::run(&conn.client(), a, &conn, progress_for(&cli.global)).await

@@ -56,13 +56,25 @@ impl Op {
         }
     }
 
-    /// Whether sending the same request twice has the same effect as once.
-    /// A check-in twice is still one active user.
+    /// Whether the client may send the request again on its own after an
+    /// answer that leaves its outcome unknown. Not for creates (a second
+    /// record), nor check-ins (each one is a visit: the reference says they
+    /// track logins and retention, so two count twice), nor deletes: a
+    /// delete sent again answers 404 for its own first success, and only the
+    /// operation, which asks whether the record is gone before it retries,
+    /// can tell that from "already deleted".
     pub fn is_idempotent(self) -> bool {
         use Op::*;
         !matches!(
             self,
-            TesterCreate | PointCreate | RewardCreate | SuppressionCreate
+            TesterCreate
+                | PointCreate
+                | RewardCreate
+                | SuppressionCreate
+                | TesterCheckin
+                | CheckinCreate
+                | TesterDelete
+                | SuppressionDelete
         )
     }
 
@@ -93,12 +105,16 @@ impl Op {
     /// collection: a 404 on a collection can only mean the project is unknown.
     pub fn targets_record(self) -> bool {
         use Op::*;
+        // A check-in by email names its user in the body: a 404 is most
+        // likely an unknown email ([U] in the reference), and the project
+        // was checked by the calls before it.
         matches!(
             self,
             TesterShow
                 | TesterUpdate
                 | TesterDelete
                 | TesterCheckin
+                | CheckinCreate
                 | RewardShow
                 | RewardUpdate
                 | SuppressionDelete

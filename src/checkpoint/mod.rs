@@ -241,6 +241,18 @@ impl Counts {
     }
 }
 
+/// A row still to do, as a resumed run reads it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenRow {
+    pub line: u64,
+    /// It was `sending` when the run stopped.
+    pub sending: bool,
+    /// What it was about to send, if that was decided.
+    pub intent: Option<String>,
+    /// What its operation wrote with the intent.
+    pub detail: Option<String>,
+}
+
 /// A rejected row, as the errors report shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RejectedRow {
@@ -978,20 +990,10 @@ impl Checkpoint {
             RowUpdate::Sending {
                 line,
                 intent,
-                detail: None,
+                detail,
             } => {
                 let mut st = self.conn.prepare_cached(
-                    "UPDATE rows SET state = 'sending', intent = ?3 WHERE run_id = ?1 AND line = ?2",
-                )?;
-                st.execute(params![run, *line as i64, intent])?;
-            }
-            RowUpdate::Sending {
-                line,
-                intent,
-                detail: Some(detail),
-            } => {
-                let mut st = self.conn.prepare_cached(
-                    "UPDATE rows SET state = 'sending', intent = ?3, detail = ?4 WHERE run_id = ?1 AND line = ?2",
+                    "UPDATE rows SET state = 'sending', intent = ?3, detail = COALESCE(?4, detail) WHERE run_id = ?1 AND line = ?2",
                 )?;
                 st.execute(params![run, *line as i64, intent, detail])?;
             }
@@ -1054,22 +1056,26 @@ impl Checkpoint {
         Ok(v)
     }
 
-    /// Rows still to do, from `after_line` on, in line order: (line, was it
-    /// `sending`, intent).
+    /// Rows still to do, from `after_line` on, in line order.
     pub fn open_rows(
         &self,
         run: i64,
         after_line: u64,
         limit: usize,
-    ) -> anyhow::Result<Vec<(u64, bool, Option<String>)>> {
+    ) -> anyhow::Result<Vec<OpenRow>> {
         let mut st = self.conn.prepare_cached(concat!(
-            "SELECT line, state = 'sending', intent FROM rows WHERE run_id = ?1 AND line > ?2 AND state IN ('pending', 'sending') AND ",
+            "SELECT line, state = 'sending', intent, detail FROM rows WHERE run_id = ?1 AND line > ?2 AND state IN ('pending', 'sending') AND ",
             no_outcome!(),
             " ORDER BY line LIMIT ?3"
         ))?;
         let v = st
             .query_map(params![run, after_line as i64, limit as i64], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
+                Ok(OpenRow {
+                    line: r.get::<_, i64>(0)? as u64,
+                    sending: r.get(1)?,
+                    intent: r.get(2)?,
+                    detail: r.get(3)?,
+                })
             })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(v)
@@ -1198,6 +1204,34 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// The keys of the run's rows still to do, in line order (an operation
+    /// that resolves its rows before the first call reads them here).
+    pub fn open_keys(&self, run: i64) -> anyhow::Result<Vec<String>> {
+        let mut st = self.conn.prepare(concat!(
+            "SELECT key FROM rows WHERE run_id = ?1 AND key IS NOT NULL AND state IN ('pending', 'sending') AND ",
+            no_outcome!(),
+            " ORDER BY line"
+        ))?;
+        let v = st
+            .query_map([run], |r| r.get(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(v)
+    }
+
+    /// Every record the run stored with [`Checkpoint::store_known`], in key
+    /// order: (key, target id, record).
+    pub fn known_records(&self, run: i64) -> anyhow::Result<Vec<(String, u64, String)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT key, target_id, record FROM known WHERE run_id = ?1 ORDER BY key")?;
+        let v = st
+            .query_map([run], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(v)
+    }
+
     pub fn known(&self, run: i64, email: &str) -> anyhow::Result<Option<String>> {
         let mut st = self
             .conn
@@ -1246,6 +1280,48 @@ mod tests {
         let other = run_in(&ck);
         assert_eq!(ck.plan_row(other, 2, "b@x.io").unwrap(), None);
         assert_eq!(ck.plan_row(run, 6, "a@x.io").unwrap(), Some(2));
+    }
+
+    /// What an operation writes with an intent comes back with the row
+    /// after a stop, and a row put back to pending forgets it.
+    #[test]
+    fn a_rows_detail_is_read_back_with_its_intent() {
+        let (_dir, path) = file();
+        let run = {
+            let ck = Checkpoint::open(&path).unwrap();
+            let run = run_in(&ck);
+            ck.plan_row(run, 2, "a@x.io").unwrap();
+            ck.plan_row(run, 3, "b@x.io").unwrap();
+            for line in [2, 3] {
+                ck.apply(
+                    run,
+                    &RowUpdate::Sending {
+                        line,
+                        intent: "checkin",
+                        detail: Some(format!("{{\"n\":{line}}}")),
+                    },
+                )
+                .unwrap();
+            }
+            ck.apply(run, &RowUpdate::Pending { line: 3 }).unwrap();
+            run
+        };
+        let ck = Checkpoint::open(&path).unwrap();
+        let open = ck.open_rows(run, 0, 10).unwrap();
+        assert_eq!(
+            open[0],
+            OpenRow {
+                line: 2,
+                sending: true,
+                intent: Some("checkin".into()),
+                detail: Some("{\"n\":2}".into()),
+            }
+        );
+        assert_eq!(
+            (open[1].line, open[1].sending, &open[1].detail),
+            (3, false, &None)
+        );
+        assert_eq!(ck.open_keys(run).unwrap(), ["a@x.io", "b@x.io"]);
     }
 
     #[test]
@@ -1409,7 +1485,7 @@ mod tests {
             .open_rows(run, 0, 10)
             .unwrap()
             .iter()
-            .map(|r| r.0)
+            .map(|r| r.line)
             .collect();
         assert_eq!(open, [2, 5]);
         let c = ck.counts(run).unwrap();
@@ -1492,7 +1568,7 @@ mod tests {
             .open_rows(1, 0, 10)
             .unwrap()
             .iter()
-            .map(|r| r.0)
+            .map(|r| r.line)
             .collect();
         assert_eq!(open, [3]);
         ck.apply_all(

@@ -9,3 +9,5 @@ pub mod points;
 pub mod preset;
 pub mod rewards;
 pub mod sandbox;
+pub mod suppressions;
+pub mod testers;

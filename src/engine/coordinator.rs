@@ -18,7 +18,7 @@ use super::{
     Cost, Intent, Operation, Parsed, cells_json, duplicate_message, skipped, validation_error,
 };
 use crate::api::Client;
-use crate::checkpoint::{Checkpoint, RowUpdate};
+use crate::checkpoint::{Checkpoint, OpenRow, RowUpdate};
 use crate::input::CsvInput;
 use crate::progress::Snapshot;
 use crate::stop::Stop;
@@ -56,6 +56,8 @@ pub(crate) struct Job<R> {
     /// The intent on disk now. A call is sent only once its intent is
     /// durable, so a resume after kill -9 labels the row right.
     pub durable: Option<Intent>,
+    /// The detail on disk with it.
+    pub durable_detail: Option<String>,
 }
 
 /// What workers tell the coordinator.
@@ -83,9 +85,8 @@ pub(super) struct RowSource<O: Operation> {
     pub op: Arc<O>,
     pub plan_too: bool,
     pub run: i64,
-    /// The next open rows (line, was it `sending`, intent), from the
-    /// checkpoint, when not planning.
-    pub open: std::iter::Peekable<std::vec::IntoIter<(u64, bool, Option<String>)>>,
+    /// The next open rows, from the checkpoint, when not planning.
+    pub open: std::iter::Peekable<std::vec::IntoIter<OpenRow>>,
     pub last: u64,
     pub exhausted: bool,
 }
@@ -112,8 +113,8 @@ impl<O: Operation> RowSource<O> {
                 Ok(r) => r.line,
                 Err(bad) => bad.line,
             };
-            let (was_sending, stopped_intent) = if self.plan_too {
-                (false, None)
+            let (was_sending, stopped_intent, detail) = if self.plan_too {
+                (false, None, None)
             } else {
                 if self.open.peek().is_none() {
                     let more = ck.open_rows(self.run, self.last, OPEN_CHUNK)?;
@@ -123,18 +124,15 @@ impl<O: Operation> RowSource<O> {
                     }
                     self.open = more.into_iter().peekable();
                 }
-                while self.open.peek().is_some_and(|(l, _, _)| *l < line) {
-                    self.last = self.open.next().unwrap().0;
+                while self.open.peek().is_some_and(|o| o.line < line) {
+                    self.last = self.open.next().unwrap().line;
                 }
-                let Some((l, was_sending, stopped_intent)) = self.open.peek().cloned() else {
-                    continue;
-                };
-                if l != line {
+                if self.open.peek().is_none_or(|o| o.line != line) {
                     continue;
                 }
-                self.open.next();
+                let o = self.open.next().expect("peeked");
                 self.last = line;
-                (was_sending, stopped_intent)
+                (o.sending, o.intent, o.detail)
             };
             let r = match rec {
                 Ok(r) => r,
@@ -166,12 +164,10 @@ impl<O: Operation> RowSource<O> {
                 .as_deref()
                 .and_then(|s| self.op.intent(s))
                 .map(|(i, _)| i);
-            // Only rows in flight at a stop have one: a read each, not a
-            // column of every open row.
-            let stopped_detail = match stopped_intent {
-                Some(_) if was_sending => ck.detail(self.run, line)?,
-                _ => None,
-            };
+            // Only a row that may have been sent needs what was kept to
+            // prove its effect.
+            let detail = detail.filter(|_| was_sending && stopped_intent.is_some());
+            let stopped_detail = detail.clone();
             b.jobs.push(Job {
                 line,
                 row,
@@ -180,6 +176,7 @@ impl<O: Operation> RowSource<O> {
                 stopped_intent,
                 stopped_detail,
                 durable: stopped_intent.or(planned),
+                durable_detail: detail,
             });
         }
         Ok(b)

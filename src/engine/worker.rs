@@ -171,19 +171,18 @@ fn classify<R>(job: &Job<R>, e: ApiError) -> Outcome {
     }
 }
 
-/// Makes `intent` durable before the call that carries it out, with the
-/// operation's detail, unless the dispatch already did (and there is no
-/// detail to keep). `false` when the coordinator is gone (the run is
-/// ending).
+/// Makes `intent` durable, with the operation's detail, before the call
+/// that carries it out, unless the dispatch (or an earlier try) already
+/// did. `false` when the coordinator is gone (the run is ending).
 async fn intend<O: Operation>(ctx: &Ctx<O>, job: &mut Job<O::Row>, intent: Intent) -> bool {
     let detail = ctx.op.detail(&job.row, intent);
-    if job.durable == Some(intent) && detail.is_none() {
+    if job.durable == Some(intent) && job.durable_detail == detail {
         return true;
     }
     let (tx, rx) = oneshot::channel();
     if ctx
         .coordinator
-        .send(ToCoordinator::Intend(job.line, intent, detail, tx))
+        .send(ToCoordinator::Intend(job.line, intent, detail.clone(), tx))
         .await
         .is_err()
         || rx.await.is_err()
@@ -191,6 +190,7 @@ async fn intend<O: Operation>(ctx: &Ctx<O>, job: &mut Job<O::Row>, intent: Inten
         return false;
     }
     job.durable = Some(intent);
+    job.durable_detail = detail;
     true
 }
 

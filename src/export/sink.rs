@@ -680,7 +680,12 @@ pub fn excel_safe(s: String) -> String {
 /// Two passes over the spool: the columns (documented order, then
 /// `profile.*` sorted, then any other field in the order first seen), then
 /// the rows.
-fn write_csv(spool: &Path, out: &Path, resource: Resource, opts: CsvOptions) -> anyhow::Result<()> {
+pub(crate) fn write_csv(
+    spool: &Path,
+    out: &Path,
+    resource: Resource,
+    opts: CsvOptions,
+) -> anyhow::Result<()> {
     let known = resource.columns();
     let mut profile_keys = BTreeSet::new();
     let mut others: Vec<String> = Vec::new();

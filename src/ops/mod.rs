@@ -3,4 +3,8 @@
 
 pub mod points;
 pub mod rewards;
+pub mod suppressions;
+pub mod tester_ref;
+pub mod testers_checkin;
+pub mod testers_delete;
 pub mod testers_import;
