@@ -75,6 +75,21 @@ fn read_key_file(path: &Path) -> anyhow::Result<ApiKey> {
             path.display()
         ))
     })?;
+    // Notepad saves UTF-8 with a BOM; it is no part of the key.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(path)
+            && m.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                "the API key file {} can be read by other users of this machine (mode {:o}); chmod 600 it",
+                path.display(),
+                m.permissions().mode() & 0o777
+            );
+        }
+    }
     let first = text.lines().next().unwrap_or("").trim();
     if first.is_empty() {
         return Err(usage(format!(
@@ -156,5 +171,13 @@ mod tests {
         assert_eq!(check_beta("a9b8c7de").unwrap(), "a9b8c7de");
         assert!(check_beta("../1").is_err());
         assert!(check_beta("").is_err());
+    }
+
+    #[test]
+    fn a_key_file_saved_with_a_bom_and_crlf_gives_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("key");
+        std::fs::write(&p, "\u{feff}sk-live-123\r\n").unwrap();
+        assert_eq!(read_key_file(&p).unwrap().expose(), "sk-live-123");
     }
 }

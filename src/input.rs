@@ -204,6 +204,14 @@ pub struct BadRecord {
     pub fields: csv::StringRecord,
 }
 
+/// The longest cell a row may have. No waitlist field comes near it, and
+/// a row carrying a bigger one is refused by web servers before it is read
+/// (a 10 MB cell was answered by a 413, or by a connection reset that the
+/// client retried four times, sending 40 MB, and then gave up on as
+/// unknown): rejected here, before any call, the row is named by line and
+/// column like any other bad cell.
+pub const MAX_CELL_BYTES: usize = 64 * 1024;
+
 pub struct CsvInput {
     pub source: Source,
     pub format: Format,
@@ -381,6 +389,19 @@ impl CsvInput {
                 } else {
                     format!(" (past the header: {})", extra.join(", "))
                 }
+            );
+            return Ok(Some(Err(self.bad(line, message))));
+        }
+        // One pass over the record's bytes (SIMD) when it is short enough
+        // that no cell can be too long; the cells are looked at only then.
+        if self.raw.as_slice().len() > MAX_CELL_BYTES
+            && let Some(col) = self.raw.iter().position(|f| f.len() > MAX_CELL_BYTES)
+        {
+            let message = format!(
+                "{} holds {} bytes; a cell may hold at most {MAX_CELL_BYTES} (a quote out of place, or data that is not a waitlist field?); \
+                 fix the row (nothing of it was sent)",
+                self.column_name(col),
+                self.raw[col].len()
             );
             return Ok(Some(Err(self.bad(line, message))));
         }
@@ -873,5 +894,30 @@ mod line_tests {
             lines_of("email,n\na@x.io,1\rb@x.io,2\nc@x.io,3\n"),
             vec![2, 3, 4]
         );
+    }
+
+    #[test]
+    fn a_cell_past_the_limit_rejects_its_row_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("in.csv");
+        let at_limit = "x".repeat(MAX_CELL_BYTES);
+        std::fs::write(
+            &p,
+            format!("email,n\na@x.io,{at_limit}\nb@x.io,{at_limit}y\nc@x.io,1\n"),
+        )
+        .unwrap();
+        let mut c = CsvInput::open(&Source::File(p), None, None).unwrap();
+        let mut got = vec![];
+        while let Some(r) = c.next_record().unwrap() {
+            got.push(r.map(|r| r.line).map_err(|b| (b.line, b.message)));
+        }
+        assert_eq!(got[0], Ok(2));
+        let (line, message) = got[1].clone().unwrap_err();
+        assert_eq!(line, 3);
+        assert!(
+            message.starts_with("column \"n\" (column 2) holds 65537 bytes"),
+            "{message}"
+        );
+        assert_eq!(got[2], Ok(4));
     }
 }

@@ -38,8 +38,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
             let conn = config::Connection::from_args(&cli.global)?;
             let beta = conn.require_beta()?.to_string();
             let report = cmd::check::check(&conn.client(), &beta).await;
-            print!("{report}");
-            std::io::stdout().flush().ok();
+            // A closed pipe (`prefsync check | head -1`) is not a failure,
+            // and must not panic as print! would.
+            let mut out = std::io::stdout().lock();
+            if let Err(e) = write!(out, "{report}").and_then(|()| out.flush())
+                && e.kind() != std::io::ErrorKind::BrokenPipe
+            {
+                return Err(e.into());
+            }
             match report.failure {
                 // Only the key's own refusals blame the key: a network, DNS
                 // or TLS failure says nothing about it.

@@ -166,6 +166,10 @@ impl Client {
             .connect_timeout(Duration::from_secs(10))
             .timeout(retry.timeout)
             .pool_max_idle_per_host(64)
+            // The API never redirects; a redirect from loopback to
+            // elsewhere would carry requests (and their bodies: people's
+            // data) off the host the user named.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("the HTTP client builds with static settings");
         let mut base = base;
