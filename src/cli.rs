@@ -135,6 +135,8 @@ pub enum Command {
     Export(ExportArgs),
     /// The compiled-in mappings for other tools' exports (--preset).
     Preset(PresetCmd),
+    /// Send only what changed: compare a file with the local mirror (refreshed when stale).
+    Sync(SyncCmd),
     /// Bulk: add points to users from a CSV (email, quantity, reason). Exactly once, resumable.
     Points(PointsCmd),
     /// Bulk: issue, deliver or revoke rewards from a CSV. Exactly once, resumable.
@@ -364,6 +366,55 @@ pub struct DeleteArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct SyncCmd {
+    #[command(subcommand)]
+    pub what: SyncWhat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SyncWhat {
+    /// Users: create the new, update the fields that differ, leave the rest (no call for them).
+    #[command(after_help = SYNC_HELP)]
+    Testers(SyncArgs),
+}
+
+const SYNC_HELP: &str = "\
+The mirror is the SQLite file `prefsync export testers --format sqlite` writes. When its latest \
+listing of the project is older than --max-age, incomplete or filtered, the project is listed into \
+it first (resumable). Then each row is compared with the mirror: calls are made only for rows that \
+changed, and what the API returns is written back. A suppressed email is never created again; an \
+unsubscribed user's status is never sent.
+
+Example:
+  prefsync sync testers --beta 1 --file waitlist.csv --mirror project.sqlite --max-age 12h
+  prefsync sync testers --beta 1 --file waitlist.csv --mirror project.sqlite \\
+    --delete-missing --max-delete 2% --backup removed.csv";
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    pub import: ImportArgs,
+    /// The local mirror (a SQLite export file; created if missing).
+    #[arg(long, value_name = "FILE")]
+    pub mirror: PathBuf,
+    /// Refresh the mirror first when its latest listing is older than this.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub max_age: Duration,
+    /// Refresh the mirror first whatever its age.
+    #[arg(long)]
+    pub refresh: bool,
+    /// Delete users of the project that are in no row of the file (needs --max-delete).
+    #[arg(long)]
+    pub delete_missing: bool,
+    /// The most users --delete-missing may delete: a count (500) or a share of the project (2%).
+    #[arg(long, value_name = "N|N%")]
+    pub max_delete: Option<crate::sync::DeleteBound>,
+    /// Where the users --delete-missing deletes are written first (default beside the mirror).
+    #[arg(long, value_name = "PATH")]
+    pub backup: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub struct PresetCmd {
     #[command(subcommand)]
     pub what: PresetWhat,
@@ -452,7 +503,17 @@ pub struct ImportCmd {
 #[derive(Debug, Subcommand)]
 pub enum ImportWhat {
     /// Users ("testers" in the API).
-    Testers(ImportArgs),
+    Testers(ImportTestersArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImportTestersArgs {
+    #[command(flatten)]
+    pub import: ImportArgs,
+    /// A local mirror (SQLite export file) to keep current: each created or updated user, as
+    /// the API returned it, is written to it.
+    #[arg(long, value_name = "FILE")]
+    pub mirror: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -15,11 +15,14 @@ pub mod fsutil;
 pub mod import;
 pub mod input;
 pub mod lock;
+pub mod mirror;
 pub mod ops;
 pub mod output;
 pub mod progress;
 pub mod sandbox;
 pub mod stop;
+pub mod sync;
+pub mod time;
 
 use std::io::Write;
 
@@ -65,6 +68,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
             cmd::import::run(&conn.client(), a, &beta, progress_for(&cli.global)).await
         }
         Command::Preset(p) => cmd::preset::run(&p.what),
+        Command::Sync(s) => {
+            let cli::SyncWhat::Testers(a) = &s.what;
+            let conn = config::Connection::from_args(&cli.global)?;
+            let beta = conn.require_beta()?.to_string();
+            cmd::sync::run(&conn.client(), a, &beta, progress_for(&cli.global)).await
+        }
         Command::Points(p) => {
             let conn = config::Connection::from_args(&cli.global)?;
             let beta = conn.require_beta()?.to_string();

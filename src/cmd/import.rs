@@ -65,13 +65,14 @@ pub fn exit_of(s: &ImportSummary) -> Exit {
 
 pub async fn run(
     client: &Client,
-    a: &ImportArgs,
+    a: &crate::cli::ImportTestersArgs,
     beta: &str,
     progress: Arc<dyn Subscriber>,
 ) -> anyhow::Result<Exit> {
     let stop = Stop::default();
     install_ctrl_c(&stop);
-    let opts = options(a, beta);
+    let mut opts = options(&a.import, beta);
+    opts.mirror = a.mirror.clone();
     let summary = import(client, &opts, stop, progress).await?;
     eprint!("{summary}");
     Ok(exit_of(&summary))

@@ -10,4 +10,5 @@ pub mod preset;
 pub mod rewards;
 pub mod sandbox;
 pub mod suppressions;
+pub mod sync;
 pub mod testers;

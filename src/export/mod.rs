@@ -180,16 +180,22 @@ pub async fn export(
 
     // The projects, by numeric id (a UID and an id name the same project).
     let mut betas: Vec<(i64, String)> = Vec::new();
+    // Each project's UID and name, kept in a SQLite output (the mirror).
+    let mut projects: Vec<crate::api::Beta> = Vec::new();
     if only_betas {
         betas.push((0, String::new()));
     } else if opts.all_betas {
         for b in client.betas().await? {
             betas.push((b.id as i64, b.id.to_string()));
+            projects.push(b);
         }
     } else {
         for b in &opts.betas {
             let id = if opts.format == Format::Sqlite {
-                client.beta(b).await?.id as i64
+                let beta = client.beta(b).await?;
+                let id = beta.id as i64;
+                projects.push(beta);
+                id
             } else {
                 b.parse().unwrap_or(0)
             };
@@ -211,6 +217,11 @@ pub async fn export(
             Box::new(FileSink::open(&opts.out, &ck, f, opts.csv)?)
         }
     };
+    let mut sink = sink;
+    for p in &projects {
+        let uid = p.extra.get("uid").and_then(serde_json::Value::as_str);
+        sink.note_project(p.id as i64, uid, p.name.as_deref())?;
+    }
     let sink = Arc::new(Mutex::new(sink));
     let filters = opts
         .filters

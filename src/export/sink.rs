@@ -21,11 +21,11 @@ use serde_json::Value;
 
 use super::resource::Resource;
 use crate::output::AtomicFile;
-use crate::sandbox::world::iso8601;
+use crate::time::iso8601;
 
 /// The version of both the SQLite export and the CSV/JSONL checkpoint.
 /// 2: `list_sizes` and `reread` on `export_runs` and `export_files`.
-pub const EXPORT_SCHEMA_VERSION: i64 = 2;
+pub const EXPORT_SCHEMA_VERSION: i64 = 3;
 
 /// A list's size as `X-Pagination` tells it: pages, and records if known.
 pub type ListSize = (u64, Option<u64>);
@@ -108,6 +108,16 @@ pub trait Sink: Send {
     ) -> anyhow::Result<u64>;
     /// Makes the output final (renames files into place).
     fn close(&mut self) -> anyhow::Result<()>;
+    /// Keeps a project's UID beside its numeric id, where the output has a
+    /// place for it (the SQLite mirror).
+    fn note_project(
+        &mut self,
+        _beta_id: i64,
+        _uid: Option<&str>,
+        _name: Option<&str>,
+    ) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 fn now_iso() -> String {
@@ -160,7 +170,11 @@ impl SqliteSink {
         migrate(
             &conn,
             path,
-            &[(1, Self::schema_v1()), (2, Self::migrate_v2().into())],
+            &[
+                (1, Self::schema_v1()),
+                (2, Self::migrate_v2().into()),
+                (3, Self::migrate_v3().into()),
+            ],
         )?;
         Ok(SqliteSink { conn })
     }
@@ -234,6 +248,22 @@ impl SqliteSink {
     }
 }
 
+impl SqliteSink {
+    /// Version 3: the file is the local mirror of a project that sync
+    /// reads. A user's email as compared (lower-cased, as SQLite's
+    /// `lower` does: ASCII) is a generated column, unique per project
+    /// among users not deleted, and indexed; a project's UID is kept
+    /// beside its numeric id. Generated, so no write pays for it and old
+    /// rows have it at once.
+    fn migrate_v3() -> &'static str {
+        "ALTER TABLE testers ADD COLUMN email_key TEXT GENERATED ALWAYS AS (lower(email)) VIRTUAL;
+         CREATE UNIQUE INDEX IF NOT EXISTS testers_email_key ON testers(beta_id, email_key)
+           WHERE deleted_at IS NULL AND email_key IS NOT NULL;
+         CREATE TABLE IF NOT EXISTS projects (beta_id INTEGER PRIMARY KEY, uid TEXT, name TEXT);
+         INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', '3');"
+    }
+}
+
 impl Sink for SqliteSink {
     fn start(&mut self, part: &Part, fresh: bool) -> anyhow::Result<Started> {
         let open: Option<(i64, i64, i64, Option<String>, bool)> = self
@@ -282,10 +312,24 @@ impl Sink for SqliteSink {
         let t = r.name();
         let cols: Vec<&str> = r.sql_columns().iter().map(|(c, _)| *c).collect();
         let placeholders: Vec<String> = (0..cols.len()).map(|i| format!("?{}", i + 7)).collect();
-        let updates: Vec<String> = cols.iter().map(|c| format!("{c} = excluded.{c}")).collect();
+        // A record's `updated_at` guards every write: a listing never
+        // replaces a newer record (written back by an import or an apply
+        // after the listing read its page) with an older one. It is seen
+        // all the same.
+        let newer = if cols.contains(&"updated_at") {
+            format!(
+                "(excluded.updated_at IS NULL OR {t}.updated_at IS NULL OR excluded.updated_at >= {t}.updated_at)"
+            )
+        } else {
+            "1".to_string()
+        };
+        let updates: Vec<String> = std::iter::once("record".to_string())
+            .chain(cols.iter().map(|c| c.to_string()))
+            .map(|c| format!("{c} = CASE WHEN {newer} THEN excluded.{c} ELSE {t}.{c} END"))
+            .collect();
         let sql = format!(
             "INSERT INTO {t} (beta_id, id, record, first_seen_at, last_seen_at, last_seen_run, {cols}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, {ph})
-             ON CONFLICT (beta_id, id) DO UPDATE SET record = excluded.record, last_seen_at = excluded.last_seen_at,
+             ON CONFLICT (beta_id, id) DO UPDATE SET last_seen_at = excluded.last_seen_at,
                last_seen_run = excluded.last_seen_run, deleted_at = NULL, {upd}",
             cols = cols.join(", "),
             ph = placeholders.join(", "),
@@ -299,10 +343,22 @@ impl Sink for SqliteSink {
                 "SELECT last_seen_run FROM {t} WHERE beta_id = ?1 AND id = ?2"
             ))?;
             let mut ins = tx.prepare_cached(&sql)?;
+            // An email belongs to one user of a project: another user with
+            // it here (deleted, and the email signed up again) is gone.
+            let mut gone = (r == Resource::Testers).then(|| {
+                tx.prepare_cached(
+                    "UPDATE testers SET deleted_at = ?4 WHERE beta_id = ?1 AND email_key = lower(?2) AND id != ?3 AND deleted_at IS NULL",
+                )
+            }).transpose()?;
             for item in items {
                 let Some(id) = item.get("id").and_then(Value::as_i64) else {
                     continue;
                 };
+                if let (Some(gone), Some(email)) =
+                    (gone.as_mut(), item.get("email").and_then(Value::as_str))
+                {
+                    gone.execute(params![part.beta_id, email, id, now])?;
+                }
                 let last: Option<i64> = seen
                     .query_row(params![part.beta_id, id], |r| r.get(0))
                     .optional()?;
@@ -391,7 +447,8 @@ impl Sink for SqliteSink {
         if complete && part.filters.is_empty() {
             deleted = tx.execute(
                 &format!(
-                    "UPDATE {t} SET deleted_at = ?3 WHERE beta_id = ?1 AND last_seen_run != ?2 AND deleted_at IS NULL"
+                    "UPDATE {t} SET deleted_at = ?3 WHERE beta_id = ?1 AND last_seen_run != ?2 AND deleted_at IS NULL \
+                     AND NOT (last_seen_run = 0 AND last_seen_at >= (SELECT started_at FROM export_runs WHERE id = ?2))"
                 ),
                 params![part.beta_id, run, now_iso()],
             )? as u64;
@@ -415,6 +472,21 @@ impl Sink for SqliteSink {
     fn close(&mut self) -> anyhow::Result<()> {
         self.conn
             .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
+        Ok(())
+    }
+
+    /// Notes a project's UID beside its numeric id.
+    fn note_project(
+        &mut self,
+        beta_id: i64,
+        uid: Option<&str>,
+        name: Option<&str>,
+    ) -> anyhow::Result<()> {
+        self.conn.execute(
+            "INSERT INTO projects (beta_id, uid, name) VALUES (?1, ?2, ?3)
+             ON CONFLICT (beta_id) DO UPDATE SET uid = COALESCE(excluded.uid, uid), name = COALESCE(excluded.name, name)",
+            params![beta_id, uid, name],
+        )?;
         Ok(())
     }
 }
@@ -824,7 +896,7 @@ mod tests {
                 |r| Ok((r.get(1)?, r.get(0)?)),
             )
             .unwrap();
-        assert_eq!((v, meta.as_str()), (EXPORT_SCHEMA_VERSION, "2"));
+        assert_eq!((v, meta.as_str()), (EXPORT_SCHEMA_VERSION, "3"));
     }
 
     #[test]

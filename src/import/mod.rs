@@ -24,8 +24,9 @@ use crate::engine::events::{Subscriber, SummaryJson};
 use crate::engine::report::Reports;
 use crate::engine::{RunOptions, RunSummary, Subscribers};
 pub use crate::input;
+use crate::mirror::Mirror;
+use crate::ops::testers_import::{MirrorUse, TestersImport, check_default_status};
 pub use crate::ops::testers_import::{Mode, Resolve};
-use crate::ops::testers_import::{TestersImport, check_default_status};
 use crate::stop::Stop;
 use input::{Encoding, Source};
 use mapping::EmptyCells;
@@ -66,6 +67,13 @@ pub struct ImportOptions {
     pub resolve: Option<Resolve>,
     /// Neutralise formula cells in the rejected-rows report.
     pub excel_safe: bool,
+    /// The local mirror: what the API returns for each create and update
+    /// is written back to it.
+    #[serde(skip)]
+    pub mirror: Option<PathBuf>,
+    /// Tell new users from existing ones by the mirror alone (sync; the
+    /// caller has made it fresh).
+    pub by_mirror: bool,
 }
 
 impl ImportOptions {
@@ -94,6 +102,8 @@ impl ImportOptions {
             allow_emails: false,
             resolve: None,
             excel_safe: false,
+            mirror: None,
+            by_mirror: false,
         }
     }
 }
@@ -204,6 +214,17 @@ pub async fn import(
     op.preset = opts.preset.clone();
     op.mailchimp_list = opts.mailchimp_list;
     op.include_flagged = opts.include_flagged;
+    if let Some(path) = &opts.mirror {
+        let mirror = Arc::new(Mirror::open(path)?);
+        let beta_id = match mirror.project_id(&opts.beta)? {
+            Some(id) => id,
+            None => client.beta(&opts.beta).await?.id as i64,
+        };
+        op.mirror = Some(MirrorUse { mirror, beta_id });
+        if opts.by_mirror {
+            op.resolve = Some(Resolve::Mirror);
+        }
+    }
     op.empty = opts.empty;
     op.strict = opts.strict;
     let run_opts = RunOptions {

@@ -20,6 +20,7 @@ use crate::exit::{StoppedError, usage};
 use crate::import::mapping::{self, EMAILING_STATUSES, EmptyCells, MapSource, Mapped, Mapping};
 use crate::import::presets::MailchimpList;
 use crate::input::{CsvInput, Source};
+use crate::mirror::Mirror;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Mode {
@@ -37,6 +38,16 @@ pub enum Resolve {
     List,
     /// Look each email up (`email_is`).
     Lookup,
+    /// Read the local mirror (sync): no call at all to tell new from
+    /// existing, and unchanged rows cost nothing.
+    Mirror,
+}
+
+/// The mirror a run reads (sync) or writes back to (`--mirror`).
+pub struct MirrorUse {
+    pub mirror: std::sync::Arc<Mirror>,
+    /// The project's numeric id in the mirror.
+    pub beta_id: i64,
 }
 
 /// The import of testers.
@@ -61,6 +72,9 @@ pub struct TestersImport {
     pub empty: EmptyCells,
     /// Refuse columns that map to nothing.
     pub strict: bool,
+    /// The mirror: read when `resolve` is `Mirror`; written back to with
+    /// what the API returns for each create and update either way.
+    pub mirror: Option<MirrorUse>,
     mapping: Option<Mapping>,
 }
 
@@ -80,6 +94,7 @@ impl TestersImport {
             status: None,
             empty: EmptyCells::Keep,
             strict: false,
+            mirror: None,
             mapping: None,
         }
     }
@@ -102,7 +117,7 @@ impl TestersImport {
         }
         match self.resolve {
             None => Ok(None),
-            Some(Resolve::List) => Ok(row.known.as_deref().cloned()),
+            Some(Resolve::List | Resolve::Mirror) => Ok(row.known.as_deref().cloned()),
             Some(Resolve::Lookup) => self.lookup(row.email()).await,
         }
     }
@@ -141,7 +156,11 @@ impl Operation for TestersImport {
     type Row = ImportRow;
 
     fn kind(&self) -> &'static str {
-        "testers.import"
+        if self.resolve == Some(Resolve::Mirror) {
+            "testers.sync"
+        } else {
+            "testers.import"
+        }
     }
 
     fn actions(&self) -> &'static [&'static str] {
@@ -227,14 +246,52 @@ impl Operation for TestersImport {
                 });
             }
         };
-        Ok(Parsed::Row(ImportRow {
+        let mut row = ImportRow {
             email_key: row.email_key,
             input: row.input,
             known: None,
             learnt: None,
             defaulted: false,
             change: None,
-        }))
+        };
+        if let (Some(Resolve::Mirror), Some(m)) = (self.resolve, &self.mirror) {
+            let known = m
+                .mirror
+                .tester(m.beta_id, &row.email_key)
+                .map_err(|e| format!("failed to read the mirror: {e:#}"))?;
+            match &known {
+                // Sync never brings back someone who left: a suppressed
+                // email is not created again.
+                None => {
+                    if let Some(reason) = m
+                        .mirror
+                        .suppression(m.beta_id, &row.email_key)
+                        .map_err(|e| format!("failed to read the mirror: {e:#}"))?
+                    {
+                        return Ok(Parsed::Skip {
+                            class: "suppressed",
+                            key: Some(row.email_key),
+                            reason: format!(
+                                "the email is suppressed ({reason}): sync never creates it again"
+                            ),
+                        });
+                    }
+                }
+                // Nor sets an unsubscribed user back to an active status:
+                // the row's status is dropped, its other fields go.
+                Some(t) if !t.get("unsubscribed_at").is_none_or(Value::is_null) => {
+                    if row.input.status.take().is_some() {
+                        tracing::debug!(
+                            email = row.email_key,
+                            "unsubscribed: the row's status is not sent (sync never re-subscribes)"
+                        );
+                    }
+                }
+                Some(_) => {}
+            }
+            row.known = known.map(Box::new);
+        }
+        Ok(Parsed::Row(row))
     }
 
     fn key<'r>(&self, row: &'r ImportRow) -> &'r str {
@@ -274,6 +331,10 @@ impl Operation for TestersImport {
     }
 
     async fn prepare(&mut self, p: Prepare<'_>) -> anyhow::Result<()> {
+        // A sync reads the mirror, which the caller made fresh.
+        if self.resolve == Some(Resolve::Mirror) {
+            return Ok(());
+        }
         self.resolve = match self.mode {
             // Creating needs no resolving, except for the rows a stopped
             // run had in flight: each is looked up, unless listing the
@@ -312,7 +373,7 @@ impl Operation for TestersImport {
                         "resolving emails by {}: listing costs {pages} testers-list calls, looking up costs {}",
                         match choice {
                             Resolve::List => "listing the project",
-                            Resolve::Lookup => "looking each email up",
+                            Resolve::Lookup | Resolve::Mirror => "looking each email up",
                         },
                         p.open
                     );
@@ -357,8 +418,10 @@ impl Operation for TestersImport {
         }
         Ok(match (self.resolve, &row.known, self.mode) {
             (None, _, _) => Some("create"),
-            (Some(Resolve::List), None, Mode::Upsert | Mode::Create) => Some("create"),
-            (Some(Resolve::List), Some(t), Mode::Upsert | Mode::Update) => {
+            (Some(Resolve::List | Resolve::Mirror), None, Mode::Upsert | Mode::Create) => {
+                Some("create")
+            }
+            (Some(Resolve::List | Resolve::Mirror), Some(t), Mode::Upsert | Mode::Update) => {
                 let t: &Value = t;
                 mapping::diff(t, &row.input).map(|_| "update")
             }
@@ -372,7 +435,9 @@ impl Operation for TestersImport {
         // costs no call). After an unknown outcome in this run, only a
         // lookup tells.
         let (found, intent) = match doubt {
-            Doubt::InFlightAtStop(intent) if self.resolve == Some(Resolve::List) => {
+            Doubt::InFlightAtStop(intent)
+                if matches!(self.resolve, Some(Resolve::List | Resolve::Mirror)) =>
+            {
                 (row.known.as_deref().cloned(), intent)
             }
             Doubt::InFlightAtStop(intent) => (self.lookup(row.email()).await?, intent),
@@ -438,13 +503,27 @@ impl Operation for TestersImport {
     async fn send(&self, row: &mut ImportRow, intent: Intent) -> Result<Sent, ApiError> {
         if intent == "update" {
             let (id, change) = row.change.as_deref().expect("an update decided its change");
-            self.client.update_tester(&self.beta, *id, change).await?;
+            let t = self.client.update_tester(&self.beta, *id, change).await?;
+            self.write_back(&t);
             return Ok(Sent::Done {
                 action: "updated",
                 target: *id,
             });
         }
-        match self.client.create_tester_id(&self.beta, &row.input).await {
+        // With a mirror to keep current, the whole created user is read
+        // from the answer; without, only its id (a tenth of the work).
+        let created = match &self.mirror {
+            Some(_) => self
+                .client
+                .create_tester(&self.beta, &row.input)
+                .await
+                .map(|t| {
+                    self.write_back(&t);
+                    t.id
+                }),
+            None => self.client.create_tester_id(&self.beta, &row.input).await,
+        };
+        match created {
             Ok(id) => Ok(Sent::Done {
                 action: "created",
                 target: id,
@@ -526,6 +605,7 @@ impl Operation for TestersImport {
                     None => "none (create only)",
                     Some(Resolve::List) => "list",
                     Some(Resolve::Lookup) => "lookup",
+                    Some(Resolve::Mirror) => "mirror",
                 }
                 .into(),
             ),
@@ -547,6 +627,24 @@ impl Operation for TestersImport {
             ),
         );
         m
+    }
+}
+
+impl TestersImport {
+    /// Keeps the mirror current with the API's answer. A failure to write
+    /// does not undo the call: it is logged, and the next listing mends
+    /// the mirror.
+    fn write_back(&self, t: &Tester) {
+        if let Some(m) = &self.mirror {
+            let v = serde_json::to_value(t).unwrap_or(Value::Null);
+            if let Err(e) = m.mirror.write_tester(m.beta_id, &v) {
+                tracing::warn!(
+                    "failed to write user {} back to the mirror {}: {e:#}",
+                    t.id,
+                    m.mirror.path().display()
+                );
+            }
+        }
     }
 }
 

@@ -1,0 +1,306 @@
+//! Sync against the local mirror, end to end against the in-process
+//! sandbox: a fresh mirror costs only the calls for rows that changed; a
+//! stale one costs its listing first; nobody who left is brought back;
+//! delete-missing is bounded and backed up.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prefsync::export::sink::Format;
+use prefsync::export::{ExportOptions, Resource, export};
+use prefsync::import::ImportOptions;
+use prefsync::import::input::Source;
+use prefsync::progress::Silent;
+use prefsync::sandbox::{Sandbox, SandboxConfig};
+use prefsync::stop::Stop;
+use prefsync::sync::{DeleteBound, SyncOptions, SyncSummary, sync};
+use serde_json::Value;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    sandbox: Sandbox,
+}
+
+impl Fixture {
+    async fn new(users: usize) -> Fixture {
+        let sandbox = common::sandbox(SandboxConfig {
+            rate_scale: 0.0,
+            seed_testers: users,
+            ..SandboxConfig::default()
+        })
+        .await;
+        Fixture {
+            dir: tempfile::tempdir().unwrap(),
+            sandbox,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn users(&self) -> Vec<Value> {
+        common::users(&self.sandbox, 1)
+    }
+
+    /// The project as a file: one row a user, email and first name.
+    fn rows(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = self
+            .users()
+            .iter()
+            .map(|u| {
+                (
+                    u["email"].as_str().unwrap().to_string(),
+                    u["profile"]["first_name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn write(&self, name: &str, rows: &[(String, String)]) -> PathBuf {
+        let p = self.path(name);
+        let mut w = csv::Writer::from_path(&p).unwrap();
+        w.write_record(["email", "first_name"]).unwrap();
+        for (e, n) in rows {
+            w.write_record([e, n]).unwrap();
+        }
+        w.flush().unwrap();
+        p
+    }
+
+    async fn export_mirror(&self) {
+        let o = ExportOptions::new(
+            vec![Resource::Testers, Resource::Suppressions],
+            vec!["1".into()],
+            Format::Sqlite,
+            self.path("mirror.sqlite"),
+        );
+        let s = export(
+            &common::unlimited_client(&self.sandbox),
+            &o,
+            Stop::default(),
+            Arc::new(Silent),
+        )
+        .await
+        .unwrap();
+        assert!(s.complete);
+    }
+
+    fn opts(&self, file: &Path) -> SyncOptions {
+        let mut import = ImportOptions::new(
+            "1",
+            Source::File(file.to_path_buf()),
+            self.path("ck.sqlite"),
+        );
+        import.results = Some(self.path("results.csv"));
+        SyncOptions {
+            import,
+            mirror: self.path("mirror.sqlite"),
+            max_age: Duration::from_secs(3600),
+            refresh: false,
+            delete_missing: false,
+            max_delete: None,
+            backup: Some(self.path("backup.csv")),
+        }
+    }
+
+    async fn sync(&self, o: &SyncOptions) -> anyhow::Result<SyncSummary> {
+        sync(
+            &common::unlimited_client(&self.sandbox),
+            o,
+            Stop::default(),
+            Arc::new(Silent),
+        )
+        .await
+    }
+}
+
+/// 10,000 rows of which 10% changed: 800 users renamed, 200 new people.
+fn changed(rows: &[(String, String)]) -> Vec<(String, String)> {
+    rows.iter()
+        .enumerate()
+        .map(|(i, (e, n))| match i % 10 {
+            0 if i % 50 == 0 => (format!("new{i}@sync.test"), format!("New{i}")),
+            0 => (e.clone(), format!("Changed{i}")),
+            _ => (e.clone(), n.clone()),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_mirror_costs_exactly_the_changed_rows_and_no_list_call() {
+    let f = Fixture::new(10_000).await;
+    f.export_mirror().await;
+    let rows = changed(&f.rows());
+    let file = f.write("in.csv", &rows);
+    let before = f.sandbox.app.with_world(|w| w.project(1).users.len());
+    let s = f.sync(&f.opts(&file)).await.unwrap();
+    assert!(!s.refreshed, "{s}");
+    assert_eq!(s.refresh_calls, 0);
+    let i = &s.import;
+    // Suppressed or unsubscribed seeded users may not be brought back, so
+    // count what the rows asked for against what was sent.
+    assert_eq!(i.created + i.updated, 1000, "{s}");
+    assert_eq!(i.api_calls, 1000, "exactly one call per changed row: {s}");
+    assert_eq!(i.unchanged, 9000);
+    assert_eq!(
+        f.sandbox.app.with_world(|w| w.project(1).users.len()),
+        before + 200
+    );
+    // The sandbox holds what the file says.
+    let now = f.rows();
+    let want: std::collections::BTreeMap<_, _> = rows.iter().cloned().collect();
+    for (e, n) in &now {
+        if let Some(w) = want.get(e) {
+            assert_eq!(w, n, "{e}");
+        }
+    }
+    // Written back: a second sync right after finds nothing to do and
+    // makes no call.
+    let mut o = f.opts(&file);
+    o.import.fresh = true;
+    let again = f.sync(&o).await.unwrap();
+    assert_eq!(
+        (again.import.api_calls, again.import.unchanged),
+        (0, 10_000),
+        "{again}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_mirror_costs_its_listing_then_the_changed_rows() {
+    let f = Fixture::new(2_000).await;
+    f.export_mirror().await;
+    let rows = changed(&f.rows());
+    let file = f.write("in.csv", &rows);
+    let (users, suppressions) = f
+        .sandbox
+        .app
+        .with_world(|w| (w.project(1).users.len(), w.project(1).suppressions.len()));
+    let mut o = f.opts(&file);
+    o.max_age = Duration::ZERO;
+    let s = f.sync(&o).await.unwrap();
+    assert!(s.refreshed);
+    // The project shown once, then every page of users and suppressions.
+    let pages = |n: usize| n.div_ceil(25).max(1) as u64;
+    assert_eq!(
+        s.refresh_calls,
+        1 + pages(users) + pages(suppressions),
+        "{s}"
+    );
+    assert_eq!(s.import.api_calls, 200, "{s}");
+}
+
+#[tokio::test]
+async fn sync_never_brings_back_who_left() {
+    let f = Fixture::new(0).await;
+    let client = common::unlimited_client(&f.sandbox);
+    // One user unsubscribed, one email suppressed with no user.
+    let mut t = prefsync::api::TesterInput {
+        email: Some("gone@x.io".into()),
+        status: Some("applied".into()),
+        ..Default::default()
+    };
+    t.profile.insert("first_name".into(), "Gone".into());
+    client.create_tester_id("1", &t).await.unwrap();
+    f.sandbox.app.with_world(|w| {
+        let p = w.projects.get_mut(&1).unwrap();
+        for u in p.users.values_mut() {
+            u.unsubscribed_at = Some("2026-01-01T00:00:00Z".into());
+        }
+    });
+    client
+        .call(
+            prefsync::api::Op::SuppressionCreate,
+            Some("1"),
+            "betas/1/suppressions.json",
+            &[],
+            Some(&serde_json::json!({"email": "banned@x.io", "reason": "Manual"})),
+        )
+        .await
+        .unwrap();
+    f.export_mirror().await;
+    let file = f.path("in.csv");
+    std::fs::write(
+        &file,
+        "email,first_name,status\ngone@x.io,Back,active\nbanned@x.io,B,applied\nnew@x.io,N,applied\n",
+    )
+    .unwrap();
+    let s = f.sync(&f.opts(&file)).await.unwrap();
+    let users = f.users();
+    let gone = users.iter().find(|u| u["email"] == "gone@x.io").unwrap();
+    assert_eq!(gone["status"], "applied", "never set back to active: {s}");
+    assert_eq!(gone["profile"]["first_name"], "Back", "its other fields go");
+    assert!(users.iter().all(|u| u["email"] != "banned@x.io"), "{s}");
+    assert!(users.iter().any(|u| u["email"] == "new@x.io"));
+    assert_eq!(s.import.created, 1);
+    let results = std::fs::read_to_string(f.path("results.csv")).unwrap();
+    assert!(results.contains("banned@x.io,skipped"), "{results}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_missing_is_bounded_backed_up_and_needs_a_full_listing() {
+    let f = Fixture::new(200).await;
+    f.export_mirror().await;
+    let rows = f.rows();
+    // 20 users are not in the file.
+    let file = f.write("in.csv", &rows[20..]);
+    let missing: Vec<String> = rows[..20].iter().map(|r| r.0.clone()).collect();
+    // No bound: refused before anything.
+    let mut o = f.opts(&file);
+    o.delete_missing = true;
+    let e = f.sync(&o).await.unwrap_err();
+    assert_eq!(prefsync::exit::exit_for(&e).code(), 2, "{e:#}");
+    // Over the bound: refused, naming the count, nobody deleted.
+    o.max_delete = Some(DeleteBound::Count(19));
+    let e = f.sync(&o).await.unwrap_err();
+    assert!(e.to_string().contains("would delete 20 users"), "{e:#}");
+    assert_eq!(f.users().len(), 200);
+    assert!(!f.path("backup.csv").exists());
+    // Within it (10% of 200): backed up, then deleted.
+    o.max_delete = Some("10%".parse().unwrap());
+    o.import.fresh = true;
+    let s = f.sync(&o).await.unwrap();
+    assert_eq!(s.deleted.as_ref().unwrap().count("deleted"), 20, "{s}");
+    assert_eq!(f.users().len(), 180);
+    let backup = std::fs::read_to_string(f.path("backup.csv")).unwrap();
+    for e in &missing {
+        assert!(backup.contains(e.as_str()), "{e} backed up");
+    }
+    // A filtered listing is not enough.
+    let f2 = Fixture::new(30).await;
+    let mut e = ExportOptions::new(
+        vec![Resource::Testers],
+        vec!["1".into()],
+        Format::Sqlite,
+        f2.path("mirror.sqlite"),
+    );
+    e.filters = vec![("email_contains".into(), "user1".into())];
+    export(
+        &common::unlimited_client(&f2.sandbox),
+        &e,
+        Stop::default(),
+        Arc::new(Silent),
+    )
+    .await
+    .unwrap();
+    let rows = f2.rows();
+    let file = f2.write("in.csv", &rows[5..]);
+    let mut o = f2.opts(&file);
+    o.delete_missing = true;
+    o.max_delete = Some(DeleteBound::Count(100));
+    let err = f2.sync(&o).await;
+    // The filtered listing is stale for sync, so it lists the project
+    // whole first; then the deletion stands on a complete listing.
+    let s = err.unwrap();
+    assert!(s.refreshed);
+    assert_eq!(s.deleted.unwrap().count("deleted"), 5);
+}
