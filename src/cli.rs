@@ -137,6 +137,11 @@ pub enum Command {
     Preset(PresetCmd),
     /// Send only what changed: compare a file with the local mirror (refreshed when stale).
     Sync(SyncCmd),
+    /// Write what a sync would do, one line per field change, for review; sends nothing.
+    Plan(PlanCmd),
+    /// Do exactly a plan written by `plan`: each update or delete checked for drift first.
+    #[command(after_help = APPLY_HELP)]
+    Apply(ApplyArgs),
     /// Bulk: add points to users from a CSV (email, quantity, reason). Exactly once, resumable.
     Points(PointsCmd),
     /// Bulk: issue, deliver or revoke rewards from a CSV. Exactly once, resumable.
@@ -363,6 +368,88 @@ pub struct DeleteArgs {
     /// The backup of the deleted users' records (default: beside the checkpoint, named after the run).
     #[arg(long, value_name = "PATH")]
     pub backup: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanCmd {
+    #[command(subcommand)]
+    pub what: PlanWhat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PlanWhat {
+    /// Users: the plan of `sync testers` with the same flags.
+    #[command(after_help = "Example:
+  prefsync plan testers --beta 1 --file waitlist.csv --mirror project.sqlite --out plan.csv
+  (review plan.csv in a spreadsheet; do not save it back: apply refuses an edited plan)
+  prefsync apply plan.csv")]
+    Testers(PlanArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub sync: SyncArgs,
+    /// Where the plan goes (its identity goes beside it, PATH.json).
+    #[arg(long, value_name = "PATH")]
+    pub out: PathBuf,
+}
+
+const APPLY_HELP: &str = "\
+Before each update or delete the user is read (a show call, not the 60-a-minute list): a user \
+changed since the plan is not touched and is reported as drift, with what changed. --on-drift skip \
+(the default) goes on with the rest; stop stops there (resumable). A run with any drift exits 4 \
+(or 5 when stopped), never 0.
+
+Example:
+  prefsync apply plan.csv --results applied.csv";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnDrift {
+    /// Leave the drifted user, do the rest of the plan.
+    Skip,
+    /// Stop at the first drift (resumable).
+    Stop,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// The plan written by `prefsync plan`.
+    pub plan: PathBuf,
+    /// The mirror to keep current (default: the one the plan was made from).
+    #[arg(long, value_name = "FILE")]
+    pub mirror: Option<PathBuf>,
+    /// What a drift does to the rest of the plan.
+    #[arg(long, value_enum, default_value_t = OnDrift::Skip)]
+    pub on_drift: OnDrift,
+    /// Concurrent workers.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Read what is needed, write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The checkpoint database (one file holds many runs).
+    #[arg(
+        long,
+        default_value = "prefsync-checkpoint.sqlite",
+        value_name = "PATH"
+    )]
+    pub checkpoint: PathBuf,
+    /// The rejected-rows report (drift included).
+    #[arg(long, value_name = "PATH")]
+    pub errors: Option<PathBuf>,
+    /// One line per plan action: line, email, action, Prefinery id.
+    #[arg(long, value_name = "PATH")]
+    pub results: Option<PathBuf>,
+    /// Write the final summary as JSON here.
+    #[arg(long, value_name = "PATH")]
+    pub summary_json: Option<PathBuf>,
+    /// Stop cleanly (resumable, exit 5) after this long.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub max_duration: Option<Duration>,
+    /// Start over instead of resuming.
+    #[arg(long)]
+    pub fresh: bool,
 }
 
 #[derive(Debug, Args)]

@@ -68,6 +68,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
             cmd::import::run(&conn.client(), a, &beta, progress_for(&cli.global)).await
         }
         Command::Preset(p) => cmd::preset::run(&p.what),
+        Command::Plan(p) => {
+            let cli::PlanWhat::Testers(a) = &p.what;
+            let conn = config::Connection::from_args(&cli.global)?;
+            let beta = conn.require_beta()?.to_string();
+            cmd::sync::plan(&conn.client(), a, &beta, progress_for(&cli.global)).await
+        }
+        Command::Apply(a) => {
+            let conn = config::Connection::from_args(&cli.global)?;
+            cmd::sync::apply(&conn.client(), a, progress_for(&cli.global)).await
+        }
         Command::Sync(s) => {
             let cli::SyncWhat::Testers(a) = &s.what;
             let conn = config::Connection::from_args(&cli.global)?;

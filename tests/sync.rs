@@ -304,3 +304,143 @@ async fn delete_missing_is_bounded_backed_up_and_needs_a_full_listing() {
     assert!(s.refreshed);
     assert_eq!(s.deleted.unwrap().count("deleted"), 5);
 }
+
+fn apply_opts(f: &Fixture, plan: &Path) -> prefsync::sync::ApplyOptions {
+    prefsync::sync::ApplyOptions {
+        plan: plan.to_path_buf(),
+        mirror: None,
+        stop_on_drift: false,
+        concurrency: 4,
+        dry_run: false,
+        checkpoint: f.path("apply-ck.sqlite"),
+        errors: Some(f.path("apply-errors.csv")),
+        results: Some(f.path("apply-results.csv")),
+        summary_json: None,
+        max_duration: None,
+        fresh: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_then_apply_does_exactly_the_plan_and_never_overwrites_drift() {
+    let f = Fixture::new(300).await;
+    f.export_mirror().await;
+    let rows = changed(&f.rows());
+    let file = f.write("in.csv", &rows);
+    let plan_path = f.path("plan.csv");
+    let client = common::unlimited_client(&f.sandbox);
+    let before = f.sandbox.app.stats_json()["requests"].clone();
+    let p = prefsync::sync::plan(
+        &client,
+        &f.opts(&file),
+        &plan_path,
+        Stop::default(),
+        Arc::new(Silent),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        f.sandbox.app.stats_json()["requests"],
+        before,
+        "a plan sends nothing"
+    );
+    assert_eq!(p.actions.get("update"), Some(&24), "{p}");
+    assert_eq!(p.actions.get("create"), Some(&6), "{p}");
+    assert_eq!(p.actions.get("unchanged"), Some(&270), "{p}");
+    // One line per field change: an update of first_name is one line with
+    // the old and the new value.
+    let mut r = csv::Reader::from_path(&plan_path).unwrap();
+    let lines: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
+    let update = lines.iter().find(|l| &l[2] == "update").unwrap();
+    assert_eq!(&update[3], "profile.first_name");
+    assert!(update[5].starts_with("Changed"));
+    assert!(!update[8].is_empty(), "the base updated_at is kept");
+    // Someone changes one planned user, and one user the plan leaves alone.
+    let drifted = update[1].to_string();
+    let untouched = lines.iter().find(|l| &l[2] == "unchanged").unwrap()[1].to_string();
+    f.sandbox.app.with_world(|w| {
+        let p = w.projects.get_mut(&1).unwrap();
+        for u in p.users.values_mut() {
+            if u.email == drifted || u.email == untouched {
+                u.profile.insert("first_name".into(), "ByHand".into());
+                u.updated_at = "2030-01-01T00:00:00Z".into();
+            }
+        }
+    });
+    // An edited plan is refused.
+    let copy = f.path("edited.csv");
+    std::fs::write(
+        &copy,
+        std::fs::read_to_string(&plan_path)
+            .unwrap()
+            .replace("Changed", "Edited"),
+    )
+    .unwrap();
+    std::fs::copy(
+        prefsync::sync::identity_path(&plan_path),
+        prefsync::sync::identity_path(&copy),
+    )
+    .unwrap();
+    let e = prefsync::sync::apply(
+        &client,
+        &apply_opts(&f, &copy),
+        Stop::default(),
+        Arc::new(Silent),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("changed since it was written"),
+        "{e:#}"
+    );
+
+    let s = prefsync::sync::apply(
+        &client,
+        &apply_opts(&f, &plan_path),
+        Stop::default(),
+        Arc::new(Silent),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (s.count("updated"), s.count("created"), s.rejected),
+        (23, 6, 1),
+        "{s}"
+    );
+    let user = |e: &str| f.users().into_iter().find(|u| u["email"] == e).unwrap();
+    assert_eq!(
+        user(&drifted)["profile"]["first_name"],
+        "ByHand",
+        "drift is never overwritten"
+    );
+    assert_eq!(
+        user(&untouched)["profile"]["first_name"],
+        "ByHand",
+        "nothing outside the plan"
+    );
+    let errors = std::fs::read_to_string(f.path("apply-errors.csv")).unwrap();
+    assert!(
+        errors.contains("drift") && errors.contains(&drifted),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("was \"\"Mary-Jane\"\"") || errors.contains("ByHand"),
+        "the drift says what changed: {errors}"
+    );
+    // Every other planned row holds what the plan says.
+    for (e, n) in &rows {
+        if *e != drifted && *e != untouched {
+            assert_eq!(user(e)["profile"]["first_name"], n.as_str(), "{e}");
+        }
+    }
+    // Applied again: nothing to do.
+    let again = prefsync::sync::apply(
+        &client,
+        &apply_opts(&f, &plan_path),
+        Stop::default(),
+        Arc::new(Silent),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.already_done_by, Some(s.run_id), "{again}");
+}

@@ -7,7 +7,7 @@ use crate::cli::SyncArgs;
 use crate::engine::Subscriber;
 use crate::exit::Exit;
 use crate::stop::Stop;
-use crate::sync::{SyncOptions, sync};
+use crate::sync::{ApplyOptions, SyncOptions, sync};
 
 pub async fn run(
     client: &Client,
@@ -17,15 +17,7 @@ pub async fn run(
 ) -> anyhow::Result<Exit> {
     let stop = Stop::default();
     super::import::install_ctrl_c(&stop);
-    let opts = SyncOptions {
-        import: super::import::options(&a.import, beta),
-        mirror: a.mirror.clone(),
-        max_age: a.max_age,
-        refresh: a.refresh,
-        delete_missing: a.delete_missing,
-        max_delete: a.max_delete,
-        backup: a.backup.clone(),
-    };
+    let opts = sync_options(a, beta);
     let summary = sync(client, &opts, stop, progress).await?;
     eprint!("{summary}");
     Ok(
@@ -39,4 +31,54 @@ pub async fn run(
             Exit::Done
         },
     )
+}
+
+fn sync_options(a: &SyncArgs, beta: &str) -> SyncOptions {
+    SyncOptions {
+        import: super::import::options(&a.import, beta),
+        mirror: a.mirror.clone(),
+        max_age: a.max_age,
+        refresh: a.refresh,
+        delete_missing: a.delete_missing,
+        max_delete: a.max_delete,
+        backup: a.backup.clone(),
+    }
+}
+
+pub async fn plan(
+    client: &Client,
+    a: &crate::cli::PlanArgs,
+    beta: &str,
+    progress: Arc<dyn Subscriber>,
+) -> anyhow::Result<Exit> {
+    let stop = Stop::default();
+    super::import::install_ctrl_c(&stop);
+    let s = crate::sync::plan(client, &sync_options(&a.sync, beta), &a.out, stop, progress).await?;
+    eprint!("{s}");
+    Ok(Exit::Done)
+}
+
+pub async fn apply(
+    client: &Client,
+    a: &crate::cli::ApplyArgs,
+    progress: Arc<dyn Subscriber>,
+) -> anyhow::Result<Exit> {
+    let stop = Stop::default();
+    super::import::install_ctrl_c(&stop);
+    let opts = ApplyOptions {
+        plan: a.plan.clone(),
+        mirror: a.mirror.clone(),
+        stop_on_drift: a.on_drift == crate::cli::OnDrift::Stop,
+        concurrency: a.concurrency,
+        dry_run: a.dry_run,
+        checkpoint: a.checkpoint.clone(),
+        errors: a.errors.clone(),
+        results: a.results.clone(),
+        summary_json: a.summary_json.clone(),
+        max_duration: a.max_duration,
+        fresh: a.fresh,
+    };
+    let s = crate::sync::apply(client, &opts, stop, progress).await?;
+    eprint!("{s}");
+    Ok(super::bulk::exit_of(&s))
 }

@@ -89,6 +89,10 @@ pub enum Decision {
     Done { action: &'static str, target: u64 },
     /// Refused, with a message that says why (the mode forbids it, ...).
     Reject { message: String },
+    /// The record changed since the row was planned: not touched, reported
+    /// as `drift` with what changed; the run stops if the operation says so
+    /// ([`Operation::stop_on_drift`]).
+    Drift { message: String },
     /// Send this.
     Send(Intent),
 }
@@ -256,6 +260,12 @@ pub trait Operation: Send + Sync + Sized + 'static {
     /// settings differ is refused, naming each difference.
     fn settings(&self) -> serde_json::Map<String, Value> {
         serde_json::Map::new()
+    }
+
+    /// Whether a drift stops the run (the rest stays to do, resumable) or
+    /// only its row.
+    fn stop_on_drift(&self) -> bool {
+        false
     }
 
     /// Notes for the summary (how emails were resolved, ...).

@@ -216,6 +216,13 @@ async fn process<O: Operation>(ctx: &Ctx<O>, job: &mut Job<O::Row>) -> Outcome {
             Ok(Decision::Reject { message }) => {
                 return rejected(job, "rejected_by_api", None, message);
             }
+            Ok(Decision::Drift { message }) => {
+                if op.stop_on_drift() {
+                    tracing::warn!(line = job.line, "drift: stopping the run (--on-drift stop)");
+                    ctx.stop.trigger();
+                }
+                return rejected(job, "drift", None, message);
+            }
             Ok(Decision::Send(intent)) => intent,
             Err(e) => return classify(job, e),
         };

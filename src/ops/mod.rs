@@ -5,6 +5,7 @@ pub mod points;
 pub mod rewards;
 pub mod suppressions;
 pub mod tester_ref;
+pub mod testers_apply;
 pub mod testers_checkin;
 pub mod testers_delete;
 pub mod testers_import;

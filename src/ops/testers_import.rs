@@ -704,3 +704,157 @@ async fn list_project(
     tracing::info!(users = n, "listed the project");
     Ok(())
 }
+
+/// What a plan says of one row: its action, the record it acts on, that
+/// record's `updated_at` as the mirror had it, and each field it sets
+/// (name, old value, new value).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedRow {
+    pub action: &'static str,
+    pub target: Option<u64>,
+    pub base_updated_at: Option<String>,
+    pub fields: Vec<(String, String, String)>,
+    pub reason: String,
+}
+
+/// A field's value as a plan shows it (text as is, anything else as JSON).
+pub fn cell_of(v: Option<&Value>) -> String {
+    match v {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// The fields `input` sets, each with its value in `current` (a record the
+/// API returned) and its new value. The names are those of a mapping file:
+/// `status`, `profile.first_name`, `response.101`.
+pub fn field_changes(
+    current: Option<&Value>,
+    input: &TesterInput,
+) -> Vec<(String, String, String)> {
+    let now = |path: &[&str]| -> String {
+        let mut v = current;
+        for p in path {
+            v = v.and_then(|x| x.get(*p));
+        }
+        cell_of(v)
+    };
+    let mut out = vec![];
+    for (name, value) in [
+        ("email", &input.email),
+        ("status", &input.status),
+        ("invitation_code", &input.invitation_code),
+        ("referrer_id", &input.referrer_id),
+    ] {
+        if let Some(v) = value {
+            out.push((name.to_string(), now(&[name]), v.clone()));
+        }
+    }
+    for (k, v) in &input.profile {
+        out.push((
+            format!("profile.{k}"),
+            now(&["profile", k]),
+            cell_of(Some(v)),
+        ));
+    }
+    for (q, a) in &input.responses {
+        let old = current
+            .and_then(|c| c.get("responses"))
+            .and_then(Value::as_array)
+            .and_then(|rs| {
+                rs.iter()
+                    .find(|r| cell_of(r.get("question_id")) == *q)
+                    .map(|r| cell_of(r.get("answer")))
+            })
+            .unwrap_or_default();
+        out.push((format!("response.{q}"), old, a.clone()));
+    }
+    out
+}
+
+/// The fields of a plan back as what a create or an update sends.
+pub fn input_of(fields: &serde_json::Map<String, Value>) -> TesterInput {
+    let mut t = TesterInput::default();
+    for (k, v) in fields {
+        let s = cell_of(Some(v));
+        match k.as_str() {
+            "email" => t.email = Some(s),
+            "status" => t.status = Some(s),
+            "invitation_code" => t.invitation_code = Some(s),
+            "referrer_id" => t.referrer_id = Some(s),
+            k => {
+                if let Some(p) = k.strip_prefix("profile.") {
+                    t.profile.insert(p.to_string(), Value::String(s));
+                } else if let Some(q) = k.strip_prefix("response.") {
+                    t.responses.push((q.to_string(), s));
+                }
+            }
+        }
+    }
+    t
+}
+
+impl TestersImport {
+    /// What a sync would do with this row, decided against the mirror
+    /// alone (no call): the plan's line for it.
+    pub fn planned(&self, row: &ImportRow) -> PlannedRow {
+        let known = row.known.as_deref();
+        let base = known
+            .and_then(|t| t.get("updated_at"))
+            .map(|v| cell_of(Some(v)));
+        let target = known.map(id_of);
+        match (known, self.mode) {
+            (Some(t), Mode::Create) => PlannedRow {
+                action: "reject",
+                target,
+                base_updated_at: base,
+                fields: vec![],
+                reason: format!(
+                    "{} already exists (id {}); --mode create does not update users",
+                    row.email_key,
+                    id_of(t)
+                ),
+            },
+            (Some(t), _) => match mapping::diff(t, &row.input) {
+                None => PlannedRow {
+                    action: "unchanged",
+                    target,
+                    base_updated_at: base,
+                    fields: vec![],
+                    reason: String::new(),
+                },
+                Some(change) => PlannedRow {
+                    action: "update",
+                    target,
+                    base_updated_at: base,
+                    fields: field_changes(Some(t), &change),
+                    reason: String::new(),
+                },
+            },
+            (None, Mode::Update) => PlannedRow {
+                action: "reject",
+                target: None,
+                base_updated_at: None,
+                fields: vec![],
+                reason: format!(
+                    "{} is not in the project; --mode update does not create users",
+                    row.email_key
+                ),
+            },
+            (None, _) => {
+                let mut input = row.input.clone();
+                if input.status.is_none() {
+                    input.status = Some(self.default_status.clone());
+                }
+                PlannedRow {
+                    action: "create",
+                    target: None,
+                    base_updated_at: None,
+                    fields: field_changes(None, &input),
+                    reason: String::new(),
+                }
+            }
+        }
+    }
+}
