@@ -444,3 +444,201 @@ async fn plan_then_apply_does_exactly_the_plan_and_never_overwrites_drift() {
     .unwrap();
     assert_eq!(again.already_done_by, Some(s.run_id), "{again}");
 }
+
+/// Runs the real binary against the sandbox.
+fn prefsync(s: &Sandbox, args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("prefsync"));
+    c.args([
+        "-q",
+        "--rate",
+        "testers-list=1000/1s",
+        "--rate",
+        "account-list=1000/1s",
+        "--rate",
+        "betas=1000/1s",
+    ])
+    .args(args)
+    .env("PREFINERY_BASE_URL", s.base_url())
+    .env("PREFINERY_API_KEY", common::KEY)
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    c
+}
+
+/// Starts `cmd`, kills it with SIGKILL once `ready` holds (or it ends),
+/// then runs it again to its end; returns the last exit code.
+async fn kill_then_finish(
+    f: &Fixture,
+    mut cmd: impl FnMut() -> std::process::Command,
+    ready: impl Fn(&Fixture) -> bool,
+) -> i32 {
+    let mut child = cmd().spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while !ready(f) && t0.elapsed() < Duration::from_secs(60) {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut again = cmd();
+    let out = tokio::task::spawn_blocking(move || again.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.status.code().unwrap_or(-1)
+}
+
+fn assert_holds(f: &Fixture, rows: &[(String, String)], users: usize) {
+    let all = f.users();
+    let mut emails: Vec<&str> = all.iter().map(|u| u["email"].as_str().unwrap()).collect();
+    emails.sort();
+    let n = emails.len();
+    emails.dedup();
+    assert_eq!(emails.len(), n, "nobody created twice");
+    assert_eq!(n, users, "nobody skipped, nobody extra");
+    let by: std::collections::HashMap<_, _> = all
+        .iter()
+        .map(|u| (u["email"].as_str().unwrap().to_string(), u.clone()))
+        .collect();
+    for (e, name) in rows {
+        assert_eq!(by[e]["profile"]["first_name"], name.as_str(), "{e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_sync_and_during_apply_then_again_does_nothing_twice() {
+    let f = Fixture {
+        dir: tempfile::tempdir().unwrap(),
+        sandbox: common::sandbox(SandboxConfig {
+            rate_scale: 0.0,
+            seed_testers: 500,
+            latency_ms: Some((20, 40)),
+            fail_after_write_rate: 0.05,
+            seed: 11,
+            ..SandboxConfig::default()
+        })
+        .await,
+    };
+    f.export_mirror().await;
+    let rows = changed(&f.rows());
+    let file = f.write("in.csv", &rows);
+    let (file_s, mirror) = (
+        file.display().to_string(),
+        f.path("mirror.sqlite").display().to_string(),
+    );
+    let ck = f.path("sync.ck.sqlite").display().to_string();
+    let summary = f.path("sync.summary.json").display().to_string();
+    let changed_now = |f: &Fixture| {
+        f.users()
+            .iter()
+            .filter(|u| {
+                u["profile"]["first_name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("Changed") || n.starts_with("New"))
+            })
+            .count()
+            >= 15
+    };
+    let code = kill_then_finish(
+        &f,
+        || {
+            prefsync(
+                &f.sandbox,
+                &[
+                    "sync",
+                    "testers",
+                    "--beta",
+                    "1",
+                    "--file",
+                    &file_s,
+                    "--mirror",
+                    &mirror,
+                    "--checkpoint",
+                    &ck,
+                    "--concurrency",
+                    "2",
+                    "--summary-json",
+                    &summary,
+                ],
+            )
+        },
+        changed_now,
+    )
+    .await;
+    assert_eq!(code, 0);
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert_eq!(s["resumed"], true, "killed mid-run, then resumed: {s}");
+    assert_holds(&f, &rows, 510);
+
+    // The same for an apply: a plan of 50 more renames, killed mid-way.
+    let rows2: Vec<(String, String)> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, (e, n))| {
+            if i % 10 == 5 {
+                (e.clone(), format!("Again{i}"))
+            } else {
+                (e.clone(), n.clone())
+            }
+        })
+        .collect();
+    let file2 = f.write("in2.csv", &rows2);
+    let plan_path = f.path("plan.csv");
+    let mut o = f.opts(&file2);
+    o.import.checkpoint = f.path("plan.ck.sqlite");
+    prefsync::sync::plan(
+        &common::unlimited_client(&f.sandbox),
+        &o,
+        &plan_path,
+        Stop::default(),
+        Arc::new(Silent),
+    )
+    .await
+    .unwrap();
+    let (plan_s, ck2) = (
+        plan_path.display().to_string(),
+        f.path("apply.ck.sqlite").display().to_string(),
+    );
+    let summary2 = f.path("apply.summary.json").display().to_string();
+    let again_now = |f: &Fixture| {
+        f.users()
+            .iter()
+            .filter(|u| {
+                u["profile"]["first_name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("Again"))
+            })
+            .count()
+            >= 10
+    };
+    let code = kill_then_finish(
+        &f,
+        || {
+            prefsync(
+                &f.sandbox,
+                &[
+                    "apply",
+                    &plan_s,
+                    "--checkpoint",
+                    &ck2,
+                    "--concurrency",
+                    "2",
+                    "--summary-json",
+                    &summary2,
+                ],
+            )
+        },
+        again_now,
+    )
+    .await;
+    assert_eq!(code, 0);
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(&summary2).unwrap()).unwrap();
+    assert_eq!(s["resumed"], true, "killed mid-run, then resumed: {s}");
+    assert_holds(&f, &rows2, 510);
+}
