@@ -42,6 +42,9 @@ echo "== checkpoint alone (rows/s it absorbs)"
 out=$(for i in $(seq "$RUNS"); do $B checkpoint 100000; done); echo "$out"
 echo "$out" | awk '{print $2}' | median | sed 's/^/median checkpoint rows\/s: /'
 
+echo "== sync: API calls per input row, 10,000 rows of which 10% changed (fresh mirror, stale mirror, import --resolve list)"
+$B sync 10000
+
 echo "== export: local cost per page (writing, outside the network), 100,000 users"
 $B export-local 100000
 

@@ -9,6 +9,7 @@
 //! cargo run --release --example bench -- checkpoint [ROWS]
 //! cargo run --release --example bench -- limiter [PAGES]
 //! cargo run --release --example bench -- export-local [USERS]
+//! cargo run --release --example bench -- sync [ROWS]
 //! ```
 
 use std::sync::Arc;
@@ -512,6 +513,130 @@ async fn export_local(users: u64) {
     }
 }
 
+/// API calls per input row to bring a project in line with a file of
+/// `rows` rows of which 10% changed (8% renamed, 2% new): sync with a
+/// fresh mirror, sync with a stale one (listed first), and the import's
+/// upsert listing the project (`--resolve list`), each on a project of its
+/// own with the same users.
+async fn sync_calls(rows: u64) {
+    async fn project(rows: u64) -> (Sandbox, tempfile::TempDir, std::path::PathBuf) {
+        let s = Sandbox::start(
+            SandboxConfig {
+                rate_scale: 0.0,
+                seed_testers: rows as usize,
+                ..SandboxConfig::default()
+            },
+            0,
+        )
+        .await
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut users: Vec<(String, String)> = s.app.with_world(|w| {
+            w.project(1)
+                .users
+                .values()
+                .map(|u| {
+                    let v = w.project(1).user_json(u);
+                    (
+                        v["email"].as_str().unwrap().to_string(),
+                        v["profile"]["first_name"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                    )
+                })
+                .collect()
+        });
+        users.sort();
+        let file = dir.path().join("in.csv");
+        let mut w = csv::Writer::from_path(&file).unwrap();
+        w.write_record(["email", "first_name"]).unwrap();
+        for (i, (e, n)) in users.iter().enumerate() {
+            match i % 10 {
+                0 if i % 50 == 0 => {
+                    w.write_record([format!("new{i}@bench.test"), format!("New{i}")])
+                }
+                0 => w.write_record([e.clone(), format!("Changed{i}")]),
+                _ => w.write_record([e, n]),
+            }
+            .unwrap();
+        }
+        w.flush().unwrap();
+        (s, dir, file)
+    }
+    let sync_opts = |dir: &std::path::Path, file: &std::path::Path, max_age: Duration| {
+        let mut import =
+            ImportOptions::new("1", Source::File(file.to_path_buf()), dir.join("ck.sqlite"));
+        import.concurrency = 8;
+        prefsync::sync::SyncOptions {
+            import,
+            mirror: dir.join("mirror.sqlite"),
+            max_age,
+            refresh: false,
+            delete_missing: false,
+            max_delete: None,
+            backup: None,
+        }
+    };
+    // Fresh: the mirror listed just before (not counted).
+    let (s, dir, file) = project(rows).await;
+    let client = unlimited(&s.base_url());
+    let e = ExportOptions::new(
+        vec![Resource::Testers, Resource::Suppressions],
+        vec!["1".into()],
+        Format::Sqlite,
+        dir.path().join("mirror.sqlite"),
+    );
+    export(&client, &e, Stop::default(), Arc::new(Silent))
+        .await
+        .unwrap();
+    let r = prefsync::sync::sync(
+        &client,
+        &sync_opts(dir.path(), &file, Duration::from_secs(3600)),
+        Stop::default(),
+        Arc::new(Silent),
+    )
+    .await
+    .unwrap();
+    let fresh = r.refresh_calls + r.import.api_calls;
+    println!(
+        "sync, fresh mirror: {fresh} calls for {rows} rows ({:.3} a row; {} changed rows, 0 listing)",
+        fresh as f64 / rows as f64,
+        r.import.created + r.import.updated
+    );
+    // Stale: listed first.
+    let (s, dir, file) = project(rows).await;
+    let client = unlimited(&s.base_url());
+    let r = prefsync::sync::sync(
+        &client,
+        &sync_opts(dir.path(), &file, Duration::ZERO),
+        Stop::default(),
+        Arc::new(Silent),
+    )
+    .await
+    .unwrap();
+    let stale = r.refresh_calls + r.import.api_calls;
+    println!(
+        "sync, stale mirror: {stale} calls for {rows} rows ({:.3} a row; {} listing users and suppressions, {} changed rows)",
+        stale as f64 / rows as f64,
+        r.refresh_calls,
+        r.import.api_calls
+    );
+    // The import's upsert, listing the project.
+    let (s, dir, file) = project(rows).await;
+    let client = unlimited(&s.base_url());
+    let mut o = ImportOptions::new("1", Source::File(file), dir.path().join("ck.sqlite"));
+    o.resolve = Some(prefsync::import::Resolve::List);
+    let r = import(&client, &o, Stop::default(), Arc::new(Silent))
+        .await
+        .unwrap();
+    println!(
+        "import --resolve list: {} calls for {rows} rows ({:.3} a row)",
+        r.api_calls,
+        r.api_calls as f64 / rows as f64
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let which = std::env::args().nth(1).unwrap_or_default();
@@ -533,6 +658,7 @@ async fn main() {
         "checkpoint" => checkpoint_only(arg(2, 100_000)),
         "limiter" => limiter(arg(2, 300)).await,
         "export-local" => export_local(arg(2, 100_000)).await,
+        "sync" => sync_calls(arg(2, 10_000)).await,
         _ => {
             eprintln!("usage: bench sandbox-rps|import|checkpoint|limiter|export-local [ARGS]");
             std::process::exit(2);
