@@ -491,7 +491,11 @@ async fn kill_then_finish(
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    out.status.code().unwrap_or(-1)
+    let code = out.status.code().unwrap_or(-1);
+    if code != 0 {
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    code
 }
 
 fn assert_holds(f: &Fixture, rows: &[(String, String)], users: usize) {
@@ -606,6 +610,7 @@ async fn kill_9_during_sync_and_during_apply_then_again_does_nothing_twice() {
         f.path("apply.ck.sqlite").display().to_string(),
     );
     let summary2 = f.path("apply.summary.json").display().to_string();
+    let errors2 = f.path("apply.errors.csv").display().to_string();
     let again_now = |f: &Fixture| {
         f.users()
             .iter()
@@ -631,13 +636,20 @@ async fn kill_9_during_sync_and_during_apply_then_again_does_nothing_twice() {
                     "2",
                     "--summary-json",
                     &summary2,
+                    "--errors",
+                    &errors2,
                 ],
             )
         },
         again_now,
     )
     .await;
-    assert_eq!(code, 0);
+    assert_eq!(
+        code,
+        0,
+        "{}",
+        std::fs::read_to_string(&errors2).unwrap_or_default()
+    );
     let s: Value = serde_json::from_str(&std::fs::read_to_string(&summary2).unwrap()).unwrap();
     assert_eq!(s["resumed"], true, "killed mid-run, then resumed: {s}");
     assert_holds(&f, &rows2, 510);

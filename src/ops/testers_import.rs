@@ -432,17 +432,26 @@ impl Operation for TestersImport {
     async fn find_effect(&self, row: &mut ImportRow, doubt: Doubt) -> Result<Effect, ApiError> {
         // This run listed the project after the stopped one died, so for a
         // row in flight then the listing answers as well as a lookup (and
-        // costs no call). After an unknown outcome in this run, only a
-        // lookup tells.
+        // costs no call). The mirror may be older than the stopped run's
+        // calls, and after an unknown outcome in this run only a lookup
+        // tells.
         let (found, intent) = match doubt {
-            Doubt::InFlightAtStop(intent)
-                if matches!(self.resolve, Some(Resolve::List | Resolve::Mirror)) =>
-            {
+            Doubt::InFlightAtStop(intent) if self.resolve == Some(Resolve::List) => {
                 (row.known.as_deref().cloned(), intent)
             }
             Doubt::InFlightAtStop(intent) => (self.lookup(row.email()).await?, intent),
             Doubt::OutcomeUnknown(intent) => (self.lookup(row.email()).await?, Some(intent)),
         };
+        // Found by a lookup: the API's own record, which the mirror learns
+        // too (a create whose answer was lost was never written back).
+        let looked_up =
+            !matches!(doubt, Doubt::InFlightAtStop(_)) || self.resolve != Some(Resolve::List);
+        if looked_up
+            && let (Some(t), Some(m)) = (&found, &self.mirror)
+            && let Err(e) = m.mirror.write_tester(m.beta_id, t)
+        {
+            tracing::warn!("failed to write a user back to the mirror: {e:#}");
+        }
         let effect = match (&found, intent) {
             (Some(t), Some("create")) => Effect::Done {
                 action: "created",
