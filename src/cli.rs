@@ -535,7 +535,7 @@ pub struct ExportArgs {
     #[arg(value_enum)]
     pub what: ExportWhat,
     /// csv, jsonl or sqlite.
-    #[arg(long, value_enum)]
+    #[arg(long, value_name = "csv|jsonl|sqlite")]
     pub format: Option<Format>,
     /// The output file (written beside, then renamed into place; SQLite is updated in place).
     #[arg(long, value_name = "PATH")]
@@ -619,7 +619,7 @@ pub struct ImportArgs {
     #[arg(long, value_name = "NAME")]
     pub preset: Option<String>,
     /// Which Mailchimp file this is (default: told from Mailchimp's file name; never guessed).
-    #[arg(long, value_enum, value_name = "LIST")]
+    #[arg(long, value_name = "subscribed|unsubscribed|cleaned")]
     pub mailchimp_list: Option<MailchimpList>,
     /// Import rows that skip_if rules (spam, fraud flags) would skip. Opted-out people stay out.
     #[arg(long)]
@@ -669,7 +669,7 @@ pub struct ImportArgs {
     #[arg(long)]
     pub strict: bool,
     /// What an empty cell does on update: keep the field, or clear it.
-    #[arg(long, value_enum, default_value_t = EmptyCells::Keep)]
+    #[arg(long, value_name = "keep|clear", default_value = "keep")]
     pub empty: EmptyCells,
     /// How to tell existing users from new ones (default: the cheaper in API calls).
     #[arg(long, value_enum)]

@@ -63,12 +63,26 @@ fn parse_sizes(text: Option<String>) -> anyhow::Result<Vec<ListSize>> {
         .map(Option::unwrap_or_default)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     Csv,
     Jsonl,
     Sqlite,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Format, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "csv" => Ok(Format::Csv),
+            "jsonl" => Ok(Format::Jsonl),
+            "sqlite" => Ok(Format::Sqlite),
+            _ => Err(format!(
+                "unknown format {s:?}; expected csv, jsonl or sqlite"
+            )),
+        }
+    }
 }
 
 /// One resource of one project being exported.

@@ -403,13 +403,24 @@ impl Column {
 }
 
 /// How a blank cell is treated on update.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub enum EmptyCells {
     /// Leave the field as it is.
     #[default]
     Keep,
     /// Clear the field.
     Clear,
+}
+
+impl std::str::FromStr for EmptyCells {
+    type Err = String;
+    fn from_str(s: &str) -> Result<EmptyCells, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "keep" => Ok(EmptyCells::Keep),
+            "clear" => Ok(EmptyCells::Clear),
+            _ => Err(format!("unknown --empty {s:?}; expected keep or clear")),
+        }
+    }
 }
 
 /// Why a row is skipped.

@@ -126,11 +126,25 @@ pub fn detect(headers: &[String]) -> Result<Detection, String> {
 /// Mailchimp's audience export is three files with the same columns and no
 /// status column; which one a file is decides whether its people are
 /// imported or kept out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum MailchimpList {
     Subscribed,
     Unsubscribed,
     Cleaned,
+}
+
+impl std::str::FromStr for MailchimpList {
+    type Err = String;
+    fn from_str(s: &str) -> Result<MailchimpList, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "subscribed" => Ok(MailchimpList::Subscribed),
+            "unsubscribed" => Ok(MailchimpList::Unsubscribed),
+            "cleaned" => Ok(MailchimpList::Cleaned),
+            _ => Err(format!(
+                "unknown Mailchimp list {s:?}; expected subscribed, unsubscribed or cleaned"
+            )),
+        }
+    }
 }
 
 impl MailchimpList {
