@@ -189,6 +189,14 @@ async fn suppressions_add_counts_unsubscribes_and_takes_2702_as_unchanged() {
     assert!(!fx.user("ann@example.com").unwrap()["unsubscribed_at"].is_null());
     let results = std::fs::read_to_string(fx.path("results.csv")).unwrap();
     assert!(results.contains("cat@example.com,unchanged,"), "{results}");
+    // The row says why it is unchanged.
+    assert!(
+        results
+            .lines()
+            .any(|l| l.contains("cat@example.com,unchanged,")
+                && l.contains("suppressed already (error 2702)")),
+        "{results}"
+    );
     let errors = std::fs::read_to_string(fx.path("ck.run1.errors.csv")).unwrap();
     assert!(errors.contains("Bounce"), "{errors}");
 

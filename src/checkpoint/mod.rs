@@ -311,6 +311,8 @@ pub enum RowUpdate {
         message: String,
         raw: Option<String>,
     },
+    /// Why a done row is as it is, for the results file.
+    Note { line: u64, message: String },
     /// Kept out of the run by a rule: not sent, not an error. The key is
     /// kept for the results, outside the duplicate check (a skipped row is
     /// as if it were not in the file).
@@ -1019,6 +1021,12 @@ impl Checkpoint {
                     .conn
                     .prepare_cached("DELETE FROM outcomes WHERE run_id = ?1 AND line = ?2")?;
                 st.execute(params![run, *line as i64])?;
+            }
+            RowUpdate::Note { line, message } => {
+                let mut st = self.conn.prepare_cached(
+                    "UPDATE rows SET message = ?3 WHERE run_id = ?1 AND line = ?2",
+                )?;
+                st.execute(params![run, *line as i64, message])?;
             }
             RowUpdate::Skipped {
                 line,

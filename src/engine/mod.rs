@@ -262,6 +262,13 @@ pub trait Operation: Send + Sync + Sized + 'static {
         serde_json::Map::new()
     }
 
+    /// Why a done row is as it is (`unchanged`: already delivered, already
+    /// suppressed, ...), for the results file; `None` says nothing (and
+    /// costs nothing).
+    fn done_note(&self, _row: &Self::Row, _action: &str) -> Option<String> {
+        None
+    }
+
     /// Whether a drift stops the run (the rest stays to do, resumable) or
     /// only its row.
     fn stop_on_drift(&self) -> bool {

@@ -74,9 +74,7 @@ pub(super) async fn work_all<O: Operation>(
                     let mut since = Instant::now();
                     let last = chunk.len() - 1;
                     for (i, job) in chunk.into_iter().enumerate() {
-                        if let Some(u) = work(&ctx, job).await {
-                            updates.push(u);
-                        }
+                        work(&ctx, job, &mut updates).await;
                         // Report at the end of the chunk, or sooner when rows
                         // are slow (rate-limited lookups), so progress and
                         // the checkpoint keep up.
@@ -108,14 +106,26 @@ enum Outcome {
 }
 
 /// Does one row; returns what the checkpoint should record of it.
-async fn work<O: Operation>(ctx: &Ctx<O>, mut job: Job<O::Row>) -> Option<RowUpdate> {
+async fn work<O: Operation>(ctx: &Ctx<O>, mut job: Job<O::Row>, updates: &mut Vec<RowUpdate>) {
     let outcome = if ctx.stop.is_set() {
         Outcome::Left
     } else {
         process(ctx, &mut job).await
     };
-    match outcome {
-        Outcome::Row(u) => Some(u),
+    let update = match outcome {
+        Outcome::Row(u) => {
+            // Why a done row is as it is, when the operation says (already
+            // delivered, already suppressed): the results file shows it.
+            let note = match &u {
+                RowUpdate::Done { action, .. } => ctx.op.done_note(&job.row, action),
+                _ => None,
+            };
+            updates.push(u);
+            note.map(|message| RowUpdate::Note {
+                line: job.line,
+                message,
+            })
+        }
         Outcome::Abort(e) => {
             let mut f = ctx.fatal.lock().unwrap();
             if f.is_none() {
@@ -127,7 +137,8 @@ async fn work<O: Operation>(ctx: &Ctx<O>, mut job: Job<O::Row>) -> Option<RowUpd
         }
         // Never sent: back to pending, so a resume need not ask about it.
         Outcome::Left => (!job.was_sending).then_some(RowUpdate::Pending { line: job.line }),
-    }
+    };
+    updates.extend(update);
 }
 
 fn done<R>(job: &Job<R>, action: &'static str, target: u64) -> Outcome {

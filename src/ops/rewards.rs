@@ -156,6 +156,15 @@ pub struct IssueRow {
 }
 
 impl Operation for RewardsIssue {
+    fn done_note(&self, row: &IssueRow, action: &str) -> Option<String> {
+        (action == UNCHANGED).then(|| {
+            format!(
+                "already holds a {:?} reward (earned or delivered); --again issues another",
+                row.descriptor
+            )
+        })
+    }
+
     type Row = IssueRow;
 
     fn kind(&self) -> &'static str {
@@ -424,6 +433,10 @@ impl RewardsChange {
 }
 
 impl Operation for RewardsChange {
+    fn done_note(&self, _row: &ChangeRow, action: &str) -> Option<String> {
+        (action == UNCHANGED).then(|| format!("the reward was {} already", self.change.status()))
+    }
+
     type Row = ChangeRow;
 
     fn kind(&self) -> &'static str {

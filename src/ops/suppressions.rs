@@ -142,6 +142,10 @@ fn parse_reason(cols: &Columns, cells: &csv::StringRecord) -> Result<Reason, Str
 }
 
 impl Operation for SuppressionsAdd {
+    fn done_note(&self, _row: &AddRow, action: &str) -> Option<String> {
+        (action == "unchanged").then(|| "the email was suppressed already (error 2702)".to_string())
+    }
+
     type Row = AddRow;
 
     fn kind(&self) -> &'static str {
@@ -373,6 +377,10 @@ pub struct RemoveRow {
 }
 
 impl Operation for SuppressionsRemove {
+    fn done_note(&self, _row: &RemoveRow, action: &str) -> Option<String> {
+        (action == "unchanged").then(|| "no such suppression: removed already".to_string())
+    }
+
     type Row = RemoveRow;
 
     fn kind(&self) -> &'static str {

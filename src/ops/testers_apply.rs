@@ -92,6 +92,11 @@ impl TestersApply {
 }
 
 impl Operation for TestersApply {
+    fn done_note(&self, row: &ApplyRow, action: &str) -> Option<String> {
+        (action == "unchanged" && row.act == Act::Delete)
+            .then(|| "no such user: deleted already".to_string())
+    }
+
     type Row = ApplyRow;
 
     fn kind(&self) -> &'static str {

@@ -165,6 +165,10 @@ pub struct DeleteRow {
 }
 
 impl Operation for TestersDelete {
+    fn done_note(&self, _row: &DeleteRow, action: &str) -> Option<String> {
+        (action == "unchanged").then(|| "no such user: deleted already".to_string())
+    }
+
     type Row = DeleteRow;
 
     fn kind(&self) -> &'static str {
