@@ -9,14 +9,13 @@
 
 use std::path::PathBuf;
 
-use futures::StreamExt as _;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::api::{ApiError, Client, Op, PAGE_SIZE, RateClass, Tester, TesterInput};
+use crate::api::{ApiError, Client, PAGE_SIZE, RateClass, Tester, TesterInput};
 use crate::checkpoint::Checkpoint;
 use crate::engine::{Cost, Decision, Doubt, Effect, Intent, Operation, Parsed, Prepare, Sent};
-use crate::exit::{StoppedError, usage};
+use crate::exit::usage;
 use crate::import::mapping::{self, EMAILING_STATUSES, EmptyCells, MapSource, Mapped, Mapping};
 use crate::import::presets::MailchimpList;
 use crate::input::{CsvInput, Source};
@@ -382,7 +381,16 @@ impl Operation for TestersImport {
             }),
         };
         if self.resolve == Some(Resolve::List) && p.open > 0 {
-            list_project(&self.client, p.checkpoint, p.run, &self.beta, p.stop).await?;
+            let n = crate::ops::tester_ref::list_into_known(
+                &self.client,
+                p.checkpoint,
+                p.run,
+                &self.beta,
+                None,
+                p.stop,
+            )
+            .await?;
+            tracing::info!(users = n, "listed the project");
         }
         Ok(())
     }
@@ -671,46 +679,6 @@ pub fn check_default_status(s: &str, from: &str, allow_emails: bool) -> anyhow::
             "{from} {s} makes Prefinery email every new user; add --allow-emails if that is what you want"
         )));
     }
-    Ok(())
-}
-
-/// Lists every user of the project into the checkpoint.
-async fn list_project(
-    client: &Client,
-    ck: &Checkpoint,
-    run: i64,
-    beta: &str,
-    stop: &crate::stop::Stop,
-) -> anyhow::Result<()> {
-    let mut pages = std::pin::pin!(client.pages::<Value>(
-        Op::TestersList,
-        Some(beta.to_string()),
-        format!("betas/{beta}/testers.json"),
-        vec![],
-        1
-    ));
-    let mut n = 0u64;
-    while let Some(page) = pages.next().await {
-        if stop.is_set() {
-            return Err(anyhow::Error::new(StoppedError(
-                "stopped while listing the project".into(),
-            )));
-        }
-        let page = page?;
-        ck.begin()?;
-        for t in &page.items {
-            let (Some(email), Some(id)) = (
-                t.get("email").and_then(Value::as_str),
-                t.get("id").and_then(Value::as_u64),
-            ) else {
-                continue;
-            };
-            ck.store_known(run, &mapping::email_key(email), id, &t.to_string())?;
-            n += 1;
-        }
-        ck.commit()?;
-    }
-    tracing::info!(users = n, "listed the project");
     Ok(())
 }
 
