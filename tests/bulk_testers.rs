@@ -200,8 +200,13 @@ async fn suppressions_add_counts_unsubscribes_and_takes_2702_as_unchanged() {
     let errors = std::fs::read_to_string(fx.path("ck.run1.errors.csv")).unwrap();
     assert!(errors.contains("Bounce"), "{errors}");
 
-    // Sent again, every suppression is there already: unchanged, none twice.
-    let (code, err, s) = fx.run(&add, "in.csv", &[]).await;
+    // Run again after it finished: nothing sent, and it says so.
+    let (_, err, s) = fx.run(&add, "in.csv", &[]).await;
+    assert_eq!(s["already_done_by"], 1, "{err}{s}");
+    assert_eq!(s["api_calls"], 0, "{s}");
+    // Sent again with --fresh, every suppression is there already:
+    // unchanged, none twice.
+    let (code, err, s) = fx.run(&add, "in.csv", &["--fresh"]).await;
     assert_eq!(code, 4, "{err}");
     assert_eq!((n(&s, "unchanged"), n(&s, "added")), (5, 0), "{s}");
     assert_eq!(fx.suppressions().len(), 5);
@@ -291,8 +296,12 @@ async fn testers_delete_refuses_without_yes_bounds_and_backs_up_first() {
         &["u1@example.com", "u2@example.com", "u3@example.com"],
     );
 
-    // Run again: nobody left to delete, nothing refused.
-    let (code, err, s) = fx.run(&del, "in.csv", &["--backup", b]).await;
+    // Run again after it finished: nothing sent, and it says so.
+    let (_, err, s) = fx.run(&del, "in.csv", &["--backup", b]).await;
+    assert_eq!(s["api_calls"], 0, "{err}{s}");
+    assert!(s["already_done_by"].is_number(), "{s}");
+    // With --fresh: nobody left to delete, nothing refused.
+    let (code, err, s) = fx.run(&del, "in.csv", &["--backup", b, "--fresh"]).await;
     assert_eq!(code, 4, "{err}");
     assert_eq!((n(&s, "deleted"), n(&s, "unchanged")), (0, 4), "{s}");
 }

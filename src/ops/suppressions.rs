@@ -206,11 +206,6 @@ impl Operation for SuppressionsAdd {
         "email"
     }
 
-    /// Sent again, every row answers 2702: `unchanged`.
-    fn repeatable(&self) -> bool {
-        true
-    }
-
     /// A dry run finds which `Unsubscribe` rows have a user: those are the
     /// real people the run would unsubscribe. A real run learns it from
     /// each answer (its `user_id`) and spends no call on it.
@@ -438,11 +433,6 @@ impl Operation for SuppressionsRemove {
 
     fn key_name(&self) -> &'static str {
         "email_or_suppression_id"
-    }
-
-    /// Sent again, every suppression is gone: `unchanged`.
-    fn repeatable(&self) -> bool {
-        true
     }
 
     async fn prepare(&mut self, _p: Prepare<'_>) -> anyhow::Result<()> {

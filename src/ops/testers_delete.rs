@@ -206,12 +206,6 @@ impl Operation for TestersDelete {
         "email_or_id"
     }
 
-    /// Sent again, a finished file finds its users gone: every row
-    /// `unchanged`, nothing deleted twice.
-    fn repeatable(&self) -> bool {
-        true
-    }
-
     /// Every row is recorded first: `prepare` reads their keys to count and
     /// back up the users before the first delete.
     fn single_pass(&self) -> bool {
