@@ -654,3 +654,42 @@ async fn kill_9_during_sync_and_during_apply_then_again_does_nothing_twice() {
     assert_eq!(s["resumed"], true, "killed mid-run, then resumed: {s}");
     assert_holds(&f, &rows2, 510);
 }
+
+#[tokio::test]
+async fn a_plan_with_delete_missing_is_bounded_and_its_apply_backs_up_first() {
+    let f = Fixture::new(60).await;
+    f.export_mirror().await;
+    let rows = f.rows();
+    let file = f.write("in.csv", &rows[6..]);
+    let plan_path = f.path("plan.csv");
+    let client = common::unlimited_client(&f.sandbox);
+    let mut o = f.opts(&file);
+    o.delete_missing = true;
+    o.max_delete = Some(DeleteBound::Count(5));
+    // Over the bound: no plan at all, and the count is named.
+    let e = prefsync::sync::plan(&client, &o, &plan_path, Stop::default(), Arc::new(Silent))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("would delete 6 users"), "{e:#}");
+    assert!(!plan_path.exists());
+    o.max_delete = Some(DeleteBound::Percent(10.0));
+    let p = prefsync::sync::plan(&client, &o, &plan_path, Stop::default(), Arc::new(Silent))
+        .await
+        .unwrap();
+    assert_eq!(p.actions.get("delete"), Some(&6), "{p}");
+    assert_eq!(f.users().len(), 60, "a plan deletes nothing");
+    let s = prefsync::sync::apply(
+        &client,
+        &apply_opts(&f, &plan_path),
+        Stop::default(),
+        Arc::new(Silent),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.count("deleted"), 6, "{s}");
+    assert_eq!(f.users().len(), 54);
+    let backup = std::fs::read_to_string(f.path("plan.csv.deleted-users.backup.csv")).unwrap();
+    for (e, _) in &rows[..6] {
+        assert!(backup.contains(e.as_str()), "{e} backed up: {backup}");
+    }
+}

@@ -784,6 +784,71 @@ pub async fn apply(
                 last.6.insert(field, serde_json::Value::String(old));
             }
         }
+        // The users the plan deletes are written to a backup first, whole,
+        // from the mirror the plan was made from (kept from a first try:
+        // a resumed apply may have deleted some already).
+        let doomed: HashSet<u64> = rows
+            .iter()
+            .filter(|r| r.2 == "delete")
+            .filter_map(|r| r.3.parse().ok())
+            .collect();
+        if !doomed.is_empty() {
+            let backup = opts.plan.with_file_name(format!(
+                "{}.deleted-users.backup.csv",
+                opts.plan
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ));
+            if !backup.exists() {
+                let mirror_path = opts
+                    .mirror
+                    .clone()
+                    .unwrap_or_else(|| identity.mirror.clone());
+                let m = Mirror::open(&mirror_path)?;
+                let records: Vec<serde_json::Value> = m
+                    .testers(identity.beta_id)?
+                    .into_iter()
+                    .filter(|(id, _, _)| doomed.contains(id))
+                    .map(|(_, _, r)| r)
+                    .collect();
+                if records.len() != doomed.len() {
+                    return Err(usage(format!(
+                        "the plan deletes {} users, and the mirror {} holds {} of them: their backup cannot be written, so nothing is deleted; make a new plan",
+                        doomed.len(),
+                        mirror_path.display(),
+                        records.len()
+                    )));
+                }
+                let dir = backup
+                    .parent()
+                    .map(std::path::Path::to_path_buf)
+                    .unwrap_or_default();
+                let mut spool = tempfile::NamedTempFile::new_in(if dir.as_os_str().is_empty() {
+                    std::path::Path::new(".")
+                } else {
+                    &dir
+                })?;
+                for r in &records {
+                    std::io::Write::write_all(&mut spool, format!("{r}\n").as_bytes())?;
+                }
+                std::io::Write::flush(&mut spool)?;
+                crate::export::sink::write_csv(
+                    spool.path(),
+                    &backup,
+                    Resource::Testers,
+                    crate::export::sink::CsvOptions {
+                        excel_safe: false,
+                        bom: false,
+                    },
+                )?;
+                tracing::info!(
+                    "the {} users the plan deletes are backed up in {}",
+                    records.len(),
+                    backup.display()
+                );
+            }
+        }
         let out = crate::output::AtomicFile::create(&actions)?;
         let mut w = csv::Writer::from_writer(out.writer());
         w.write_record([
