@@ -1089,9 +1089,8 @@ impl Checkpoint {
         Ok(v)
     }
 
-    /// The detail a row's intent was made durable with, if any: read only
-    /// for the rows in flight when a run stopped, so not part of
-    /// [`Checkpoint::open_rows`].
+    /// The detail a row's intent was made durable with, if any (the engine
+    /// reads it with the open rows; this reads one row's, for a check).
     pub fn detail(&self, run: i64, line: u64) -> anyhow::Result<Option<String>> {
         let mut st = self
             .conn
