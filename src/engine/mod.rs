@@ -767,7 +767,13 @@ pub async fn run<O: Operation>(
     // Rows a stopped single pass never reached are not in the checkpoint.
     let pending = total_rows.saturating_sub(counts.finished());
     let stopped = pending > 0 || (single_pass && !read_all);
-    ck.set_state(run, if stopped { "stopped" } else { "done" })?;
+    // A stopped run is marked at once; a finished one only once its
+    // reports are written (below): killed in between, the same command
+    // again resumes it (every row done, no call) and writes them, instead
+    // of starting a new run that would never report the first one's.
+    if stopped {
+        ck.set_state(run, "stopped")?;
+    }
 
     let errors_file =
         (counts.rejected > 0 && (!opts.dry_run || opts.errors.is_some())).then(|| {
@@ -836,6 +842,9 @@ pub async fn run<O: Operation>(
         summary: &summary,
         records: &records,
     })?;
+    if !stopped {
+        ck.set_state(run, "done")?;
+    }
     if let Some(e) = fatal {
         return Err(anyhow::Error::new(e).context(format!("the run stopped:\n{summary}")));
     }

@@ -104,6 +104,9 @@ pub struct SuppressionsAdd {
     unsubscribing: HashSet<String>,
     /// Of those, the ones with a user in the project (a dry run finds them).
     users: HashSet<String>,
+    /// When the run (its first try) started: a suppression found in doubt
+    /// that is older was there before the run, and is not this row's.
+    run_started: Option<std::time::SystemTime>,
 }
 
 impl SuppressionsAdd {
@@ -115,6 +118,7 @@ impl SuppressionsAdd {
             cols: None,
             unsubscribing: HashSet::new(),
             users: HashSet::new(),
+            run_started: None,
         }
     }
 
@@ -210,6 +214,10 @@ impl Operation for SuppressionsAdd {
     /// real people the run would unsubscribe. A real run learns it from
     /// each answer (its `user_id`) and spends no call on it.
     async fn prepare(&mut self, p: Prepare<'_>) -> anyhow::Result<()> {
+        self.run_started = p.checkpoint.run(p.run)?.map(|r| {
+            std::time::SystemTime::UNIX_EPOCH
+                + std::time::Duration::from_secs(u64::try_from(r.started_at).unwrap_or(0))
+        });
         if !p.dry_run || self.unsubscribing.is_empty() {
             return Ok(());
         }
@@ -266,6 +274,20 @@ impl Operation for SuppressionsAdd {
                 .await?
                 .first()
             {
+                // Suppressed before this run began (its times count whole
+                // seconds): already there, not this row's doing.
+                Some(s)
+                    if s.get("suppressed_at")
+                        .and_then(Value::as_str)
+                        .and_then(crate::time::parse_iso8601)
+                        .zip(self.run_started)
+                        .is_some_and(|(at, started)| at < started) =>
+                {
+                    Effect::Done {
+                        action: "unchanged",
+                        target: id_of(s),
+                    }
+                }
                 Some(s) => Effect::Done {
                     action: added_action(s),
                     target: id_of(s),
