@@ -12,7 +12,10 @@
 //! `--prefsync PATH` picks the binary (default: the `prefsync` of the
 //! target directory this example was built in). `--keep` keeps every
 //! trial's directory (a trial that is not clean always keeps its own and
-//! prints where). Exits 1 when any trial or fault scenario is not clean.
+//! prints where). `--trial K` runs only trial K of each scenario.
+//! Exits 1 when any trial or fault scenario is not clean, except report
+//! disagreements in the scenarios named by `--advisory-reports a,b` (name
+//! prefixes): known defects, printed all the same.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
@@ -42,8 +45,9 @@ const FAST: [&str; 10] = [
     "points-list=100000/1s",
 ];
 
-/// A run that takes longer than this is called hung and killed.
-const RUN_TIMEOUT: Duration = Duration::from_secs(600);
+/// A run that takes longer than this is called hung and killed (the
+/// latency case needs about 30 s a step).
+const RUN_TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// Reruns after exit 5 (stopped, resumable) before giving up on a trial.
 const MAX_RUNS: u32 = 20;
@@ -57,6 +61,11 @@ struct Opts {
     bin: PathBuf,
     keep: bool,
     work: PathBuf,
+    /// Run only this trial of each scenario (to reproduce one).
+    only_trial: Option<u64>,
+    /// Scenarios (name prefixes) whose report disagreements are printed
+    /// but do not fail the run: known defects, until they are fixed.
+    advisory: Vec<String>,
 }
 
 fn parse_opts() -> Opts {
@@ -83,6 +92,8 @@ fn parse_opts() -> Opts {
         scenario: None,
         bin: default_bin,
         keep: false,
+        only_trial: None,
+        advisory: vec![],
         work: std::env::temp_dir().join(format!("prefsync-proof-{}", std::process::id())),
     };
     while let Some(a) = args.next() {
@@ -94,6 +105,10 @@ fn parse_opts() -> Opts {
             "--scenario" => o.scenario = Some(val()),
             "--prefsync" => o.bin = PathBuf::from(val()),
             "--work" => o.work = PathBuf::from(val()),
+            "--trial" => o.only_trial = Some(val().parse().expect("--trial K")),
+            "--advisory-reports" => {
+                o.advisory = val().split(',').map(String::from).collect();
+            }
             "--keep" => o.keep = true,
             _ => panic!("unknown argument {a}"),
         }
@@ -1488,6 +1503,7 @@ fn trials(o: &Opts) -> bool {
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut all_clean = true;
+    let mut strictly_clean = true;
     let start_all = Instant::now();
     for sc in chosen {
         let start = Instant::now();
@@ -1508,7 +1524,11 @@ fn trials(o: &Opts) -> bool {
         } else if !o.keep {
             let _ = fs::remove_dir_all(&cal.dir);
         }
+        let mut shown = 0;
         for trial in 1..=o.trials {
+            if o.only_trial.is_some_and(|k| k != trial) {
+                continue;
+            }
             let mut rng = fastrand::Rng::with_seed(
                 o.seed ^ name_hash(sc.name) ^ trial.wrapping_mul(0x9E37_79B9_7F4A_7C15),
             );
@@ -1523,27 +1543,41 @@ fn trials(o: &Opts) -> bool {
             kills += out.runs.kills;
             runs += out.runs.runs;
             sum.add(&out.tally);
+            let mut judged = out.tally.clone();
+            if o.advisory.iter().any(|a| sc.name.starts_with(a.as_str())) {
+                judged.report = 0;
+            }
             if out.tally.clean() {
                 clean += 1;
                 if !o.keep {
                     let _ = fs::remove_dir_all(&out.dir);
                 }
             } else {
-                all_clean = false;
-                eprintln!(
-                    "{} trial {trial} (kills at {:?}, exit codes {:?}) not clean, kept in {}: {:?}",
-                    sc.name,
-                    kill_at,
-                    out.runs.codes,
-                    out.dir.display(),
-                    out.tally.notes
-                );
+                all_clean &= judged.clean();
+                strictly_clean = false;
+                shown += 1;
+                if shown <= 3 {
+                    eprintln!(
+                        "{} trial {trial} (kills at {:?}, exit codes {:?}) not clean, kept in {}: {:?}",
+                        sc.name,
+                        kill_at,
+                        out.runs.codes,
+                        out.dir.display(),
+                        &out.tally.notes[..out.tally.notes.len().min(3)]
+                    );
+                } else {
+                    eprintln!(
+                        "{} trial {trial} not clean, kept in {}",
+                        sc.name,
+                        out.dir.display()
+                    );
+                }
             }
         }
         println!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}s |",
             sc.name,
-            o.trials,
+            o.only_trial.map_or(o.trials, |_| 1),
             clean,
             sum.duplicates,
             sum.missing,
@@ -1561,8 +1595,10 @@ fn trials(o: &Opts) -> bool {
     }
     println!(
         "\n{} in {:.0}s",
-        if all_clean {
+        if strictly_clean {
             "every trial clean"
+        } else if all_clean {
+            "not every trial clean, but only by report disagreements in --advisory-reports scenarios"
         } else {
             "NOT every trial clean (details above, on stderr)"
         },
@@ -1627,10 +1663,11 @@ fn fault_cases(rows: usize) -> Vec<FaultCase> {
     }
     // The client's timeout is 30 s and has no flag; the sandbox's latency is
     // uniform in MIN:MAX, so half of these requests outlast the timeout.
+    // Every step of a row then costs about 30 s: one wave of 8 rows.
     v.push(case(
-        "latency 20-40 s (timeout 30 s)".into(),
-        &["--latency-ms", "20000:40000"],
-        16,
+        "latency 25-35 s (client timeout 30 s)".into(),
+        &["--latency-ms", "25000:35000"],
+        8,
     ));
     for status in ["503", "429"] {
         for (ra, label) in [
