@@ -955,7 +955,7 @@ fn check_reports(t: &mut Tally, dir: &Path, p: &Plan, truth: &[Truth]) {
         }
     }
     for line in errors {
-        if !lines.contains(&line) || !results.get(&line).is_some_and(|(a, _)| a == "rejected") {
+        if !lines.contains(&line) || results.get(&line).is_none_or(|(a, _)| a != "rejected") {
             t.report += 1;
             t.note(format!(
                 "line {line}: in the errors file, not rejected in the results"
