@@ -798,3 +798,30 @@ async fn a_create_refused_by_plain_503s_is_sent_until_it_goes_through() {
         .unwrap();
     assert_eq!((s.created, s.rejected), (1, 0), "{s}");
 }
+
+/// Found by the kill -9 trials: an import killed after its run finished
+/// was run again, and the new run (every row unchanged) overwrote the
+/// results of the one that did the work. A file a run finished, run again
+/// with the same settings, is not sent again and keeps its reports.
+#[tokio::test]
+async fn a_finished_import_run_again_sends_nothing_and_keeps_its_reports() {
+    let f = Fixture::new(SandboxConfig::default()).await;
+    let input = f.file("in.csv", b"email,first_name\na@x.io,A\nb@x.io,B\n");
+    let first = f.run(&f.opts(&input)).await.unwrap();
+    assert_eq!(first.created, 2);
+    let again = f.run(&f.opts(&input)).await.unwrap();
+    assert_eq!(again.run.already_done_by, Some(first.run_id), "{again}");
+    assert_eq!(again.api_calls, 0);
+    let results = f.csv("results.csv");
+    assert_eq!(results[1][2], "created", "the first run's report stands");
+    // Other settings: other work, a new run.
+    let mut o = f.opts(&input);
+    o.default_status = Some("applied".into());
+    let other = f.run(&o).await.unwrap();
+    assert_ne!(other.run_id, first.run_id);
+    assert_eq!(other.run.already_done_by, None);
+    // --fresh sends it again.
+    let mut o = f.opts(&input);
+    o.fresh = true;
+    assert_eq!(f.run(&o).await.unwrap().unchanged, 2);
+}

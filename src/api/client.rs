@@ -580,7 +580,11 @@ impl Client {
                             .unwrap_or(number + 1),
                     )
                 };
-                if items.is_empty() {
+                // An empty first page is an empty list. An empty later page
+                // is a list that shrank while it was read: its header, which
+                // tells the new size, is handed on (the export re-reads
+                // what shifted onto pages already read).
+                if items.is_empty() && (number == 1 || p.is_none()) {
                     return Ok(None);
                 }
                 Ok(Some((

@@ -585,6 +585,9 @@ pub async fn run<O: Operation>(
         && !opts.dry_run
         && unfinished.is_none()
         && let Some(done) = ck.finished_run(op.kind(), &key, &opts.beta, &hash)?
+        // The same file with other settings (another map, status, mode)
+        // is other work: a new run.
+        && settings_differ(&done.options, &settings).is_empty()
     {
         let c = ck.counts(done.id)?;
         let sent: u64 = c.done.iter().map(|(_, n)| n).sum();

@@ -301,9 +301,13 @@ impl Operation for TestersImport {
         "email"
     }
 
-    /// An upsert sent again finds its users unchanged.
+    /// A sync is run again to converge again (the mirror tells what
+    /// changed). An import of a file a run finished, with the same
+    /// settings, is not sent again: its reports stay those of the run that
+    /// did the work (a second run would find every row unchanged and
+    /// report that instead), and it costs no call; `--fresh` sends it.
     fn repeatable(&self) -> bool {
-        true
+        self.resolve == Some(Resolve::Mirror)
     }
 
     /// Rows that may set a status that emails people must all be counted
