@@ -7,8 +7,6 @@ use std::sync::Arc;
 
 use crate::api::Client;
 use crate::cli::BulkArgs;
-use crate::engine::events::SummaryJson;
-use crate::engine::report::Reports;
 use crate::engine::{Operation, RunOptions, RunSummary, Subscriber, Subscribers};
 use crate::exit::Exit;
 use crate::input::Source;
@@ -34,22 +32,6 @@ pub fn run_options(a: &BulkArgs, beta: &str, options: serde_json::Value) -> RunO
     }
 }
 
-/// The subscribers every run has: the display, the reports, the summary
-/// JSON when asked.
-pub fn subscribers(
-    progress: Arc<dyn Subscriber>,
-    opts: &RunOptions,
-    excel_safe: bool,
-) -> Subscribers {
-    let mut s = Subscribers::default()
-        .with(progress)
-        .with(Arc::new(Reports { excel_safe }));
-    if let Some(p) = &opts.summary_json {
-        s = s.with(Arc::new(SummaryJson(p.clone())));
-    }
-    s
-}
-
 /// The exit code a finished run earns.
 pub fn exit_of(s: &RunSummary) -> Exit {
     if s.stopped {
@@ -73,7 +55,7 @@ pub async fn run<O: Operation>(
     let stop = Stop::default();
     super::import::install_ctrl_c(&stop);
     let opts = run_options(a, beta, options);
-    let subs = subscribers(progress, &opts, a.excel_safe);
+    let subs = Subscribers::standard(progress, a.excel_safe, opts.summary_json.as_deref());
     let (summary, _) = crate::engine::run(client, op, &opts, stop, subs).await?;
     eprint!("{summary}");
     Ok(exit_of(&summary))

@@ -46,6 +46,22 @@ impl Subscribers {
         Subscribers(list)
     }
 
+    /// What every run of a row-by-row operation has: the display, the
+    /// reports (errors and results), and the summary JSON when asked.
+    pub fn standard(
+        progress: Arc<dyn Subscriber>,
+        excel_safe: bool,
+        summary_json: Option<&std::path::Path>,
+    ) -> Subscribers {
+        let s = Subscribers::default()
+            .with(progress)
+            .with(Arc::new(super::report::Reports { excel_safe }));
+        match summary_json {
+            Some(p) => s.with(Arc::new(SummaryJson(p.to_path_buf()))),
+            None => s,
+        }
+    }
+
     pub fn with(mut self, s: Arc<dyn Subscriber>) -> Subscribers {
         self.0.push(s);
         self

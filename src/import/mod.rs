@@ -20,8 +20,7 @@ use serde_json::Value;
 
 use crate::api::Client;
 pub use crate::engine::default_errors_path;
-use crate::engine::events::{Subscriber, SummaryJson};
-use crate::engine::report::Reports;
+use crate::engine::events::Subscriber;
 use crate::engine::{RunOptions, RunSummary, Subscribers};
 pub use crate::input;
 use crate::mirror::Mirror;
@@ -242,14 +241,8 @@ pub async fn import(
         delimiter,
         options: serde_json::to_value(opts)?,
     };
-    let mut subscribers = Subscribers::default()
-        .with(progress)
-        .with(Arc::new(Reports {
-            excel_safe: opts.excel_safe,
-        }));
-    if let Some(p) = &opts.summary_json {
-        subscribers = subscribers.with(Arc::new(SummaryJson(p.clone())));
-    }
+    let subscribers =
+        Subscribers::standard(progress, opts.excel_safe, opts.summary_json.as_deref());
     let (summary, _op) = crate::engine::run(client, op, &run_opts, stop, subscribers).await?;
     Ok(ImportSummary::from_run(summary))
 }

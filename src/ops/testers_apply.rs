@@ -10,15 +10,12 @@
 //! fields found set; a delete's, the user gone; a create's, the email
 //! found (a lookup).
 
-use std::sync::Arc;
-
 use serde_json::Value;
 
 use crate::api::{ApiError, Client, Op, TesterInput};
 use crate::engine::{Cost, Decision, Doubt, Effect, Intent, Operation, Parsed, Prepare, Sent};
 use crate::exit::usage;
 use crate::input::{Columns, CsvInput};
-use crate::mirror::Mirror;
 use crate::ops::tester_ref::show;
 use crate::ops::testers_import::{MirrorUse, cell_of, input_of};
 
@@ -307,9 +304,4 @@ impl Operation for TestersApply {
             },
         }
     }
-}
-
-/// The mirror an apply writes back to.
-pub fn mirror_use(mirror: Arc<Mirror>, beta_id: i64) -> MirrorUse {
-    MirrorUse { mirror, beta_id }
 }

@@ -700,7 +700,8 @@ pub async fn apply(
     stop: Stop,
     progress: Arc<dyn Subscriber>,
 ) -> anyhow::Result<RunSummary> {
-    use crate::ops::testers_apply::{TestersApply, mirror_use};
+    use crate::ops::testers_apply::TestersApply;
+    use crate::ops::testers_import::MirrorUse;
     let id_path = identity_path(&opts.plan);
     let text = std::fs::read_to_string(&id_path).map_err(|e| {
         usage(format!(
@@ -884,10 +885,10 @@ pub async fn apply(
     let mut op = TestersApply::new(client.clone(), identity.beta.clone());
     op.stop_on_drift = opts.stop_on_drift;
     if mirror_path.exists() {
-        op.mirror = Some(mirror_use(
-            Arc::new(Mirror::open(&mirror_path)?),
-            identity.beta_id,
-        ));
+        op.mirror = Some(MirrorUse {
+            mirror: Arc::new(Mirror::open(&mirror_path)?),
+            beta_id: identity.beta_id,
+        });
     }
     let run = RunOptions {
         beta: identity.beta.clone(),
@@ -904,15 +905,7 @@ pub async fn apply(
         delimiter: None,
         options: serde_json::json!({ "plan": opts.plan, "stop_on_drift": opts.stop_on_drift }),
     };
-    let mut subs =
-        Subscribers::default()
-            .with(progress)
-            .with(Arc::new(crate::engine::report::Reports {
-                excel_safe: false,
-            }));
-    if let Some(p) = &opts.summary_json {
-        subs = subs.with(Arc::new(crate::engine::events::SummaryJson(p.clone())));
-    }
+    let subs = Subscribers::standard(progress, false, opts.summary_json.as_deref());
     let (summary, _) = crate::engine::run(client, op, &run, stop, subs).await?;
     Ok(summary)
 }
