@@ -35,6 +35,27 @@ impl From<ModeArg> for Mode {
     }
 }
 
+/// `--order` of the import.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OrderArg {
+    /// As the file has them.
+    File,
+    /// By the map's order_by date, oldest first; concurrent.
+    Sorted,
+    /// Sorted; each create waits for the one before it.
+    Strict,
+}
+
+impl From<OrderArg> for crate::engine::Order {
+    fn from(o: OrderArg) -> crate::engine::Order {
+        match o {
+            OrderArg::File => crate::engine::Order::File,
+            OrderArg::Sorted => crate::engine::Order::Sorted,
+            OrderArg::Strict => crate::engine::Order::Strict,
+        }
+    }
+}
+
 /// `--resolve` of the import.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ResolveArg {
@@ -631,6 +652,20 @@ pub struct ImportArgs {
     /// Allow statuses that make Prefinery email people (invited, rejected, unconfirmed).
     #[arg(long)]
     pub allow_emails: bool,
+    /// The order creates are sent in: file (as read); sorted (by the map's order_by date,
+    /// oldest first, concurrent: calls start in that order, neighbours within about
+    /// --concurrency rows may land swapped); strict (sorted, and each create waits for the one
+    /// before it: Prefinery receives them in exactly that order; updates stay concurrent)
+    /// [default: the map's: strict for the presets, else file].
+    #[arg(long, value_enum, value_name = "file|sorted|strict")]
+    pub order: Option<OrderArg>,
+    /// Send each new user's referrer as referrer_id on its create: the referrer the source
+    /// names (the map's [referrals]: a referral code, a source id or an email) is found among
+    /// this run's rows and its Prefinery id is sent. The API reference marks what Prefinery
+    /// does with referrer_id as unconfirmed [U]: try it on a test project first. Links made
+    /// and not made are counted in the summary and noted per row in --results.
+    #[arg(long)]
+    pub link_referrers: bool,
     /// Concurrent workers.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,

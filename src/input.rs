@@ -193,6 +193,8 @@ pub fn open_peeked(source: &Source) -> anyhow::Result<(Vec<u8>, Stream)> {
 pub struct Record {
     pub line: u64,
     pub fields: csv::StringRecord,
+    /// The byte offset it starts at.
+    pub offset: u64,
 }
 
 /// A record that could not be read as text in the input's encoding.
@@ -370,93 +372,13 @@ impl CsvInput {
         let start = self.raw.position().map_or(0, |p| p.byte());
         let line = self.newlines.line_at(start).max(self.last_line + 1);
         self.last_line = line;
-        if self.raw.len() != self.headers.len() {
-            // The report keeps the header's columns: cells past them are
-            // quoted here so that nothing of the row is lost.
-            let extra: Vec<String> = self
-                .raw
-                .iter()
-                .skip(self.headers.len())
-                .map(|f| format!("{:?}", String::from_utf8_lossy(f)))
-                .collect();
-            let message = format!(
-                "the row has {} fields and the header has {}{}: a delimiter too many or too few, or a quote out of place; \
-                 fix the row (nothing of it was sent)",
-                self.raw.len(),
-                self.headers.len(),
-                if extra.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (past the header: {})", extra.join(", "))
-                }
-            );
-            return Ok(Some(Err(self.bad(line, message))));
-        }
-        // One pass over the record's bytes (SIMD) when it is short enough
-        // that no cell can be too long; the cells are looked at only then.
-        if self.raw.as_slice().len() > MAX_CELL_BYTES
-            && let Some(col) = self.raw.iter().position(|f| f.len() > MAX_CELL_BYTES)
-        {
-            let message = format!(
-                "{} holds {} bytes; a cell may hold at most {MAX_CELL_BYTES} (a quote out of place, or data that is not a waitlist field?); \
-                 fix the row (nothing of it was sent)",
-                self.column_name(col),
-                self.raw[col].len()
-            );
-            return Ok(Some(Err(self.bad(line, message))));
-        }
-        if memchr::memchr(0, self.raw.as_slice()).is_some()
-            && let Some(col) = self.raw.iter().position(|f| f.contains(&0))
-        {
-            let message = format!(
-                "{} holds a NUL byte (\\0), which no field may hold; remove it (the file may not be text)",
-                self.column_name(col)
-            );
-            return Ok(Some(Err(self.bad(line, message))));
-        }
-        let decoded = match self.format.encoding {
-            Encoding::Utf8 => csv::StringRecord::from_byte_record(self.raw.clone())
-                .map_err(|e| e.utf8_error().field()),
-            Encoding::Windows1252 => {
-                let mut r =
-                    csv::StringRecord::with_capacity(self.raw.as_slice().len(), self.raw.len());
-                for f in &self.raw {
-                    r.push_field(&decode(Encoding::Windows1252, f).unwrap_or_default());
-                }
-                Ok(r)
-            }
-        };
-        let fields = match decoded {
-            Ok(fields) => fields,
-            Err(col) => return Ok(Some(Err(self.bad_record(line, col)))),
-        };
-        Ok(Some(Ok(Record { line, fields })))
-    }
-
-    /// The current record, with column `col` not text in the encoding.
-    fn bad_record(&self, line: u64, col: usize) -> BadRecord {
-        let message = format!(
-            "{} is not valid UTF-8; if the file came from Excel on Windows, re-run with --encoding windows-1252",
-            self.column_name(col)
-        );
-        self.bad(line, message)
-    }
-
-    /// The current record, refused with `message`.
-    fn bad(&self, line: u64, message: String) -> BadRecord {
-        BadRecord {
+        Ok(Some(check_record(
+            &self.raw,
+            &self.headers,
+            self.format.encoding,
             line,
-            message,
-            fields: self.raw.iter().map(String::from_utf8_lossy).collect(),
-        }
-    }
-
-    /// `column "Name" (column 3)`, as messages name a cell.
-    fn column_name(&self, col: usize) -> String {
-        match self.headers.get(col) {
-            Some(h) => format!("column {h:?} (column {})", col + 1),
-            None => format!("column {} (past the header)", col + 1),
-        }
+            start,
+        )))
     }
 
     /// Reads the remaining records without decoding them: how many there
@@ -474,6 +396,153 @@ impl CsvInput {
             n += 1;
         }
         Ok(n)
+    }
+}
+
+/// The checks every record passes, however it was read: as many cells as
+/// the header, none too long, no NUL, text in the encoding. `start` is the
+/// record's byte offset in the input (kept to read it again by seeking).
+fn check_record(
+    raw: &csv::ByteRecord,
+    headers: &[String],
+    encoding: Encoding,
+    line: u64,
+    start: u64,
+) -> Result<Record, BadRecord> {
+    let column_name = |col: usize| match headers.get(col) {
+        Some(h) => format!("column {h:?} (column {})", col + 1),
+        None => format!("column {} (past the header)", col + 1),
+    };
+    let bad = |message: String| BadRecord {
+        line,
+        message,
+        fields: raw.iter().map(String::from_utf8_lossy).collect(),
+    };
+    if raw.len() != headers.len() {
+        // The report keeps the header's columns: cells past them are
+        // quoted here so that nothing of the row is lost.
+        let extra: Vec<String> = raw
+            .iter()
+            .skip(headers.len())
+            .map(|f| format!("{:?}", String::from_utf8_lossy(f)))
+            .collect();
+        return Err(bad(format!(
+            "the row has {} fields and the header has {}{}: a delimiter too many or too few, or a quote out of place; \
+             fix the row (nothing of it was sent)",
+            raw.len(),
+            headers.len(),
+            if extra.is_empty() {
+                String::new()
+            } else {
+                format!(" (past the header: {})", extra.join(", "))
+            }
+        )));
+    }
+    // One pass over the record's bytes (SIMD) when it is short enough
+    // that no cell can be too long; the cells are looked at only then.
+    if raw.as_slice().len() > MAX_CELL_BYTES
+        && let Some(col) = raw.iter().position(|f| f.len() > MAX_CELL_BYTES)
+    {
+        return Err(bad(format!(
+            "{} holds {} bytes; a cell may hold at most {MAX_CELL_BYTES} (a quote out of place, or data that is not a waitlist field?); \
+             fix the row (nothing of it was sent)",
+            column_name(col),
+            raw[col].len()
+        )));
+    }
+    if memchr::memchr(0, raw.as_slice()).is_some()
+        && let Some(col) = raw.iter().position(|f| f.contains(&0))
+    {
+        return Err(bad(format!(
+            "{} holds a NUL byte (\\0), which no field may hold; remove it (the file may not be text)",
+            column_name(col)
+        )));
+    }
+    let decoded = match encoding {
+        Encoding::Utf8 => {
+            csv::StringRecord::from_byte_record(raw.clone()).map_err(|e| e.utf8_error().field())
+        }
+        Encoding::Windows1252 => {
+            let mut r = csv::StringRecord::with_capacity(raw.as_slice().len(), raw.len());
+            for f in raw {
+                r.push_field(&decode(Encoding::Windows1252, f).unwrap_or_default());
+            }
+            Ok(r)
+        }
+    };
+    match decoded {
+        Ok(fields) => Ok(Record {
+            line,
+            fields,
+            offset: start,
+        }),
+        Err(col) => Err(bad(format!(
+            "{} is not valid UTF-8; if the file came from Excel on Windows, re-run with --encoding windows-1252",
+            column_name(col)
+        ))),
+    }
+}
+
+/// Reads records by their byte offset: the rows of a run sent in another
+/// order than the file's (oldest signup first) are read back one by one
+/// from where the planning pass saw them, so the file is never held in
+/// memory, whatever its size. Each record passes the same checks as when
+/// it was read in order.
+pub struct RecordAt {
+    reader: csv::Reader<File>,
+    raw: csv::ByteRecord,
+    headers: Vec<String>,
+    encoding: Encoding,
+    source: Source,
+}
+
+impl RecordAt {
+    /// Opens the input read in order by `input` (its format and header).
+    pub fn open(input: &CsvInput) -> anyhow::Result<RecordAt> {
+        let path = input.source.path().ok_or_else(|| {
+            anyhow::anyhow!("{} cannot be read by offset", input.source.display())
+        })?;
+        let file = open_input(path)?;
+        let reader = csv::ReaderBuilder::new()
+            .delimiter(input.format.delimiter)
+            .has_headers(false)
+            .flexible(true)
+            .from_reader(file);
+        Ok(RecordAt {
+            reader,
+            raw: csv::ByteRecord::new(),
+            headers: input.headers.clone(),
+            encoding: input.format.encoding,
+            source: input.source.clone(),
+        })
+    }
+
+    /// The record at byte `offset`, which the planning pass found on `line`.
+    pub fn read(&mut self, offset: u64, line: u64) -> anyhow::Result<Result<Record, BadRecord>> {
+        let mut pos = csv::Position::new();
+        pos.set_byte(offset).set_line(line);
+        self.reader
+            .seek(pos)
+            .with_context(|| format!("failed to read {}", self.source.display()))?;
+        let ok = self.reader.read_byte_record(&mut self.raw).map_err(|e| {
+            anyhow::anyhow!(
+                "failed to read {} at line {line}: {e}",
+                self.source.display()
+            )
+        })?;
+        if !ok {
+            anyhow::bail!(
+                "{} ended before line {line}: was it changed during the run?",
+                self.source.display()
+            );
+        }
+        Ok(check_record(
+            &self.raw,
+            &self.headers,
+            self.encoding,
+            line,
+            offset,
+        ))
     }
 }
 

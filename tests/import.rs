@@ -720,7 +720,10 @@ async fn an_unfinished_version_3_import_migrates_and_resumes() {
             |r| Ok((r.get::<_, String>(0)?.parse().unwrap(), r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((version, kind.as_str()), (4, "testers.import"));
+    assert_eq!(
+        (version, kind.as_str()),
+        (prefsync::checkpoint::SCHEMA_VERSION, "testers.import")
+    );
 }
 
 /// Regression (defect 5): a server that throttles writes with 503 and a

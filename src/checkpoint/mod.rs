@@ -27,7 +27,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use rusqlite::{Connection, OptionalExtension, params};
 
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -112,6 +112,32 @@ ALTER TABLE known RENAME COLUMN tester_id TO target_id;
 UPDATE runs SET kind = 'testers.import' WHERE kind = 'import';
 ";
 
+/// Version 5 adds what a run sent in another order than the file's needs
+/// (each row's place in that order and where its record starts, so the
+/// rows are read back one by one, in bounded memory), and what linking
+/// referrers needs (how rows name each other). Only new tables: a version 4
+/// run resumes as it was.
+const MIGRATE_V5: &str = "
+CREATE TABLE IF NOT EXISTS row_order (
+    run_id INTEGER NOT NULL,
+    ord INTEGER NOT NULL,        -- where the row is sent (its signup time, say); no value sorts last
+    line INTEGER NOT NULL,
+    byte_offset INTEGER NOT NULL, -- where its record starts in the input, to read it again
+    PRIMARY KEY (run_id, ord, line)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS refs (
+    run_id INTEGER NOT NULL,
+    ref TEXT NOT NULL,           -- how other rows name this one (a referral code, a source id, an email)
+    line INTEGER NOT NULL,
+    PRIMARY KEY (run_id, ref)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS wanted_refs (
+    run_id INTEGER NOT NULL,
+    ref TEXT NOT NULL,           -- a value some row names as its referrer
+    PRIMARY KEY (run_id, ref)
+) WITHOUT ROWID;
+";
+
 /// A new checkpoint is created at the current version in one step; the
 /// steps above bring older files to it. Stepping a new file through every
 /// migration re-parses the whole schema at each `RENAME COLUMN`. The test
@@ -163,6 +189,24 @@ CREATE TABLE IF NOT EXISTS outcomes (
     action TEXT NOT NULL,
     target_id INTEGER NOT NULL,
     PRIMARY KEY (run_id, line)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS row_order (
+    run_id INTEGER NOT NULL,
+    ord INTEGER NOT NULL,        -- where the row is sent (its signup time, say); no value sorts last
+    line INTEGER NOT NULL,
+    byte_offset INTEGER NOT NULL, -- where its record starts in the input, to read it again
+    PRIMARY KEY (run_id, ord, line)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS refs (
+    run_id INTEGER NOT NULL,
+    ref TEXT NOT NULL,           -- how other rows name this one (a referral code, a source id, an email)
+    line INTEGER NOT NULL,
+    PRIMARY KEY (run_id, ref)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS wanted_refs (
+    run_id INTEGER NOT NULL,
+    ref TEXT NOT NULL,           -- a value some row names as its referrer
+    PRIMARY KEY (run_id, ref)
 ) WITHOUT ROWID;
 ";
 
@@ -520,11 +564,12 @@ impl Checkpoint {
         }
         // Older files: one step at a time, each in its own transaction.
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        let steps: [(i64, &str); 4] = [
+        let steps: [(i64, &str); 5] = [
             (1, SCHEMA_V1),
             (2, MIGRATE_V2),
             (3, MIGRATE_V3),
             (4, MIGRATE_V4),
+            (5, MIGRATE_V5),
         ];
         for (to, sql) in steps {
             if version < to {
@@ -1084,6 +1129,99 @@ impl Checkpoint {
                     intent: r.get(2)?,
                     detail: r.get(3)?,
                 })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(v)
+    }
+
+    /// Records where a planned row goes in the run's sending order, and
+    /// where its record starts in the input.
+    pub fn plan_order(&self, run: i64, ord: i64, line: u64, offset: u64) -> anyhow::Result<()> {
+        let mut st = self.conn.prepare_cached(
+            "INSERT OR IGNORE INTO row_order (run_id, ord, line, byte_offset) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        st.execute(params![run, ord, line as i64, offset as i64])?;
+        Ok(())
+    }
+
+    /// Rows still to do in the run's sending order, after `after` (the
+    /// last `(ord, line)` read), with each record's byte offset.
+    pub fn open_rows_ordered(
+        &self,
+        run: i64,
+        after: Option<(i64, u64)>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<(i64, u64, OpenRow)>> {
+        let (ord, line) = after.unwrap_or((i64::MIN, 0));
+        let mut st = self.conn.prepare_cached(concat!(
+            "SELECT o.ord, o.byte_offset, rows.line, rows.state = 'sending', rows.intent, rows.detail \
+             FROM row_order o JOIN rows ON rows.run_id = o.run_id AND rows.line = o.line \
+             WHERE o.run_id = ?1 AND (o.ord, o.line) > (?2, ?3) AND rows.state IN ('pending', 'sending') AND ",
+            no_outcome!(),
+            " ORDER BY o.ord, o.line LIMIT ?4"
+        ))?;
+        let v = st
+            .query_map(params![run, ord, line as i64, limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)? as u64,
+                    OpenRow {
+                        line: r.get::<_, i64>(2)? as u64,
+                        sending: r.get(3)?,
+                        intent: r.get(4)?,
+                        detail: r.get(5)?,
+                    },
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(v)
+    }
+
+    /// Notes that other rows may name the row on `line` by `r` (the first
+    /// row with a value keeps it).
+    pub fn note_ref(&self, run: i64, r: &str, line: u64) -> anyhow::Result<()> {
+        let mut st = self
+            .conn
+            .prepare_cached("INSERT OR IGNORE INTO refs (run_id, ref, line) VALUES (?1, ?2, ?3)")?;
+        st.execute(params![run, r, line as i64])?;
+        Ok(())
+    }
+
+    /// Notes that a row names `r` as its referrer.
+    pub fn note_wanted_ref(&self, run: i64, r: &str) -> anyhow::Result<()> {
+        let mut st = self
+            .conn
+            .prepare_cached("INSERT OR IGNORE INTO wanted_refs (run_id, ref) VALUES (?1, ?2)")?;
+        st.execute(params![run, r])?;
+        Ok(())
+    }
+
+    /// The line of the row other rows name by `r`.
+    pub fn ref_line(&self, run: i64, r: &str) -> anyhow::Result<Option<u64>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT line FROM refs WHERE run_id = ?1 AND ref = ?2")?;
+        Ok(st
+            .query_row(params![run, r], |r| r.get::<_, i64>(0))
+            .optional()?
+            .map(|l| l as u64))
+    }
+
+    /// The rows some other row names as its referrer, with the record each
+    /// one's outcome names when it is done.
+    pub fn named_rows(&self, run: i64) -> anyhow::Result<Vec<(u64, Option<u64>)>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT r.line, o.target_id FROM refs r \
+             JOIN wanted_refs w ON w.run_id = r.run_id AND w.ref = r.ref \
+             LEFT JOIN outcomes o ON o.run_id = r.run_id AND o.line = r.line \
+             WHERE r.run_id = ?1",
+        )?;
+        let v = st
+            .query_map(params![run], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, Option<i64>>(1)?.map(|t| t as u64),
+                ))
             })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(v)

@@ -32,6 +32,8 @@ pub fn options(a: &ImportArgs, beta: &str) -> ImportOptions {
     o.allow_emails = a.allow_emails;
     o.resolve = a.resolve.map(Into::into);
     o.excel_safe = a.excel_safe;
+    o.order = a.order.map(Into::into);
+    o.link_referrers = a.link_referrers;
     o
 }
 

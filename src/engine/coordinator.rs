@@ -19,7 +19,7 @@ use super::{
 };
 use crate::api::Client;
 use crate::checkpoint::{Checkpoint, OpenRow, RowUpdate};
-use crate::input::CsvInput;
+use crate::input::{CsvInput, Record, RecordAt};
 use crate::progress::Snapshot;
 use crate::stop::Stop;
 
@@ -58,6 +58,9 @@ pub(crate) struct Job<R> {
     pub durable: Option<Intent>,
     /// The detail on disk with it.
     pub durable_detail: Option<String>,
+    /// Its turn in a strict order: its in-turn call waits until every
+    /// row with an earlier turn is answered.
+    pub turn: Option<u64>,
 }
 
 /// What workers tell the coordinator.
@@ -89,6 +92,20 @@ pub(super) struct RowSource<O: Operation> {
     pub open: std::iter::Peekable<std::vec::IntoIter<OpenRow>>,
     pub last: u64,
     pub exhausted: bool,
+    /// A sorted run: the open rows in their order, read back by offset.
+    pub sorted: Option<Sorted>,
+}
+
+/// How a sorted run reads its rows: the checkpoint lists the open ones in
+/// their order, a chunk at a time, and each record is read at its offset.
+pub(super) struct Sorted {
+    pub at: RecordAt,
+    /// The last `(order key, line)` listed.
+    pub after: Option<(i64, u64)>,
+    pub queue: std::collections::VecDeque<(i64, u64, OpenRow)>,
+    /// A strict order: rows get turns.
+    pub turns: bool,
+    pub next_turn: u64,
 }
 
 /// Rows read at one go: those to send, and (single pass) those refused.
@@ -104,6 +121,10 @@ impl<O: Operation> RowSource<O> {
             jobs: Vec::new(),
             invalid: Vec::new(),
         };
+        if self.sorted.is_some() {
+            self.next_sorted(ck, max, &mut b)?;
+            return Ok(b);
+        }
         while !self.exhausted && b.jobs.len() < max && b.invalid.len() < max {
             let Some(rec) = self.csv.next_record()? else {
                 self.exhausted = true;
@@ -113,8 +134,8 @@ impl<O: Operation> RowSource<O> {
                 Ok(r) => r.line,
                 Err(bad) => bad.line,
             };
-            let (was_sending, stopped_intent, detail) = if self.plan_too {
-                (false, None, None)
+            let open = if self.plan_too {
+                None
             } else {
                 if self.open.peek().is_none() {
                     let more = ck.open_rows(self.run, self.last, OPEN_CHUNK)?;
@@ -130,9 +151,8 @@ impl<O: Operation> RowSource<O> {
                 if self.open.peek().is_none_or(|o| o.line != line) {
                     continue;
                 }
-                let o = self.open.next().expect("peeked");
                 self.last = line;
-                (o.sending, o.intent, o.detail)
+                self.open.next()
             };
             let r = match rec {
                 Ok(r) => r,
@@ -144,42 +164,102 @@ impl<O: Operation> RowSource<O> {
                     continue;
                 }
             };
-            let mut row = match self.op.parse(&r.fields) {
-                Ok(Parsed::Row(row)) => row,
-                Ok(Parsed::Skip { class, key, reason }) => {
-                    if self.plan_too {
-                        b.invalid.push(skipped(r.line, class, key, reason));
-                    }
-                    continue;
-                }
-                Err(msg) => {
-                    if self.plan_too {
-                        b.invalid.push(validation_error(r.line, msg, &r.fields));
-                    }
-                    continue;
-                }
-            };
-            let planned = self.op.plan(ck, self.run, &mut row)?;
-            let stopped_intent = stopped_intent
-                .as_deref()
-                .and_then(|s| self.op.intent(s))
-                .map(|(i, _)| i);
-            // Only a row that may have been sent needs what was kept to
-            // prove its effect.
-            let detail = detail.filter(|_| was_sending && stopped_intent.is_some());
-            let stopped_detail = detail.clone();
-            b.jobs.push(Job {
-                line,
-                row,
-                raw: r.fields,
-                was_sending,
-                stopped_intent,
-                stopped_detail,
-                durable: stopped_intent.or(planned),
-                durable_detail: detail,
-            });
+            self.push_job(ck, r, open, &mut b)?;
         }
         Ok(b)
+    }
+
+    /// The next open rows of a sorted run, in their order. Every one was
+    /// checked by the planning pass (the file is the same: its fingerprint
+    /// is), so a record that no longer reads is an error, not a rejection.
+    fn next_sorted(
+        &mut self,
+        ck: &Checkpoint,
+        max: usize,
+        b: &mut Batch<O::Row>,
+    ) -> anyhow::Result<()> {
+        while !self.exhausted && b.jobs.len() < max {
+            let s = self.sorted.as_mut().expect("a sorted run");
+            if s.queue.is_empty() {
+                let more = ck.open_rows_ordered(self.run, s.after, OPEN_CHUNK)?;
+                if more.is_empty() {
+                    self.exhausted = true;
+                    break;
+                }
+                s.queue = more.into();
+            }
+            let (ord, offset, open) = s.queue.pop_front().expect("refilled");
+            s.after = Some((ord, open.line));
+            let r = s.at.read(offset, open.line)?.map_err(|bad| {
+                anyhow::anyhow!(
+                    "line {} of {} no longer reads as it did when the run was planned: {}",
+                    bad.line,
+                    self.csv.source.display(),
+                    bad.message
+                )
+            })?;
+            self.push_job(ck, r, Some(open), b)?;
+        }
+        Ok(())
+    }
+
+    /// Parses and plans one record into a job (or, in a single pass, a
+    /// refusal). `open` is what the checkpoint holds of a planned row.
+    fn push_job(
+        &mut self,
+        ck: &Checkpoint,
+        r: Record,
+        open: Option<OpenRow>,
+        b: &mut Batch<O::Row>,
+    ) -> anyhow::Result<()> {
+        let line = r.line;
+        let mut row = match self.op.parse(&r.fields) {
+            Ok(Parsed::Row(row)) => row,
+            Ok(Parsed::Skip { class, key, reason }) => {
+                if self.plan_too {
+                    b.invalid.push(skipped(r.line, class, key, reason));
+                }
+                return Ok(());
+            }
+            Err(msg) => {
+                if self.plan_too {
+                    b.invalid.push(validation_error(r.line, msg, &r.fields));
+                }
+                return Ok(());
+            }
+        };
+        let (was_sending, stopped_intent, detail) = match open {
+            Some(o) => (o.sending, o.intent, o.detail),
+            None => (false, None, None),
+        };
+        let planned = self.op.plan(ck, self.run, &mut row)?;
+        let stopped_intent = stopped_intent
+            .as_deref()
+            .and_then(|s| self.op.intent(s))
+            .map(|(i, _)| i);
+        // Only a row that may have been sent needs what was kept to
+        // prove its effect.
+        let detail = detail.filter(|_| was_sending && stopped_intent.is_some());
+        let stopped_detail = detail.clone();
+        let turn = match &mut self.sorted {
+            Some(s) if s.turns => {
+                s.next_turn += 1;
+                Some(s.next_turn - 1)
+            }
+            _ => None,
+        };
+        b.jobs.push(Job {
+            line,
+            row,
+            raw: r.fields,
+            was_sending,
+            stopped_intent,
+            stopped_detail,
+            durable: stopped_intent.or(planned),
+            durable_detail: detail,
+            turn,
+        });
+        Ok(())
     }
 }
 
@@ -386,6 +466,19 @@ pub(super) async fn coordinate<O: Operation>(
                         None => ready.push_back(job),
                     }
                 }
+            } else if rows.sorted.is_some() {
+                // Lines out of order: one statement a row.
+                for j in &batch.jobs {
+                    ck.apply(
+                        run,
+                        &RowUpdate::Dispatched {
+                            from: j.line,
+                            to: j.line,
+                            intent: j.durable,
+                        },
+                    )?;
+                }
+                ready.extend(batch.jobs);
             } else {
                 // The batch holds every open row between its first and last
                 // line: one statement per run of equal intents.

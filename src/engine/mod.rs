@@ -82,6 +82,36 @@ pub enum Parsed<R> {
     },
 }
 
+/// The order a run sends its rows in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    /// The file's: each row is sent as it is read.
+    #[default]
+    File,
+    /// By the operation's [`Operation::order_key`] (oldest signup first):
+    /// every row is planned first, with its place and where its record
+    /// starts, and read back one by one in that order (bounded memory).
+    /// Concurrent workers take the rows in that order, so calls start in
+    /// it, but two calls started together may land in either order.
+    Sorted,
+    /// Sorted, and each call of an intent the operation names
+    /// ([`Operation::in_turn`]: an import's creates) is sent only once
+    /// every row before it is answered: those calls land in exactly that
+    /// order. Other calls (updates) stay concurrent.
+    Strict,
+}
+
+impl Order {
+    pub fn name(self) -> &'static str {
+        match self {
+            Order::File => "file",
+            Order::Sorted => "sorted",
+            Order::Strict => "strict",
+        }
+    }
+}
+
 /// What a row needs, decided by the operation (after a lookup if need be).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -185,6 +215,41 @@ pub trait Operation: Send + Sync + Sized + 'static {
     fn single_pass(&self) -> bool {
         true
     }
+
+    /// The order rows are sent in. Anything but the file's order plans
+    /// the whole file first.
+    fn order(&self) -> Order {
+        Order::File
+    }
+
+    /// Where a row goes in a sorted run (smallest first; rows with equal
+    /// keys keep the file's order).
+    fn order_key(&self, _row: &Self::Row) -> i64 {
+        i64::MAX
+    }
+
+    /// Whether calls carrying `intent` wait for their turn in a strict
+    /// order.
+    fn in_turn(&self, _intent: Intent) -> bool {
+        false
+    }
+
+    /// Told of every row the planning pass records (not of duplicates or
+    /// refused rows), with its line: an operation that links rows to each
+    /// other notes here how they name each other.
+    fn note_planned(
+        &self,
+        _checkpoint: &Checkpoint,
+        _run: i64,
+        _line: u64,
+        _row: &Self::Row,
+    ) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Told of every row done, with the record it acted on, before any
+    /// row after it in a strict order is sent.
+    fn finished(&self, _row: &mut Self::Row, _action: &'static str, _target: u64) {}
 
     /// Whether this row needs a permission the run was not given; counted
     /// in the planning pass, and the run is refused when any does.
@@ -521,7 +586,8 @@ pub async fn run<O: Operation>(
     // (the record count) each read the whole file before the first call:
     // side by side, on two cores. The count's error counts only in a
     // single pass, which uses it.
-    let may_single_pass = op.single_pass();
+    let order = op.order();
+    let may_single_pass = op.single_pass() && order == Order::File;
     let (fingerprint, records) = std::thread::scope(|s| {
         let counting = may_single_pass.then(|| {
             s.spawn(|| CsvInput::open(&source, opts.encoding, opts.delimiter)?.count_records())
@@ -676,7 +742,7 @@ pub async fn run<O: Operation>(
         records
     } else {
         if !planned {
-            let total = plan(&op, &ck, run, &source, opts)?;
+            let total = plan(&op, &ck, run, &source, opts, order)?;
             if total.gated > 0 {
                 ck.abandon(run)?;
                 return Err(op.gate_refusal(total.gated, total.first_gated_line));
@@ -716,14 +782,26 @@ pub async fn run<O: Operation>(
     let (wtx, wrx) = mpsc::channel::<coordinator::ToCoordinator>(opts.concurrency * 4 + 16);
     let (jtx, jrx) = mpsc::channel::<Vec<coordinator::Job<O::Row>>>(opts.concurrency * 2);
     let coordinator = {
+        let csv = CsvInput::open(&source, opts.encoding, opts.delimiter)?;
+        let sorted = match order {
+            Order::File => None,
+            Order::Sorted | Order::Strict => Some(coordinator::Sorted {
+                at: crate::input::RecordAt::open(&csv)?,
+                after: None,
+                queue: Default::default(),
+                turns: order == Order::Strict,
+                next_turn: 0,
+            }),
+        };
         let rows = coordinator::RowSource {
-            csv: CsvInput::open(&source, opts.encoding, opts.delimiter)?,
+            csv,
             op: op.clone(),
             plan_too: single_pass,
             run,
             open: Vec::new().into_iter().peekable(),
             last: 0,
             exhausted: false,
+            sorted,
         };
         let progress = coordinator::ProgressFeed {
             subscribers: subscribers.clone(),
@@ -750,8 +828,7 @@ pub async fn run<O: Operation>(
     let fatal = worker::work_all(
         client.clone(),
         op.clone(),
-        opts.concurrency,
-        opts.dry_run,
+        (opts.concurrency, opts.dry_run, order == Order::Strict),
         jrx,
         wtx,
         stop.clone(),
@@ -912,6 +989,7 @@ fn plan<O: Operation>(
     run: i64,
     source: &Source,
     opts: &RunOptions,
+    order: Order,
 ) -> anyhow::Result<PlanTotals> {
     let mut csv = CsvInput::open(source, opts.encoding, opts.delimiter)?;
     let mut totals = PlanTotals {
@@ -940,6 +1018,10 @@ fn plan<O: Operation>(
                         ),
                     )?,
                     None => {
+                        if order != Order::File {
+                            ck.plan_order(run, op.order_key(&row), r.line, r.offset)?;
+                        }
+                        op.note_planned(ck, run, r.line, &row)?;
                         if op.gate(&row) {
                             totals.gated += 1;
                             if totals.first_gated_line == 0 {

@@ -32,6 +32,8 @@ const REPORT_AFTER: Duration = Duration::from_millis(250);
 
 struct Ctx<O> {
     op: Arc<O>,
+    /// A strict order's turns.
+    turns: Option<Turns>,
     /// For the pause before a call refused by a plain 503 is sent again.
     client: Client,
     dry_run: bool,
@@ -45,14 +47,14 @@ struct Ctx<O> {
 pub(super) async fn work_all<O: Operation>(
     client: Client,
     op: Arc<O>,
-    concurrency: usize,
-    dry_run: bool,
+    (concurrency, dry_run, strict): (usize, bool, bool),
     jobs: mpsc::Receiver<Vec<Job<O::Row>>>,
     coordinator: mpsc::Sender<ToCoordinator>,
     stop: Stop,
 ) -> anyhow::Result<Option<ApiError>> {
     let ctx = Arc::new(Ctx {
         op,
+        turns: strict.then(Turns::default),
         client,
         dry_run,
         coordinator,
@@ -114,6 +116,12 @@ async fn work<O: Operation>(ctx: &Ctx<O>, mut job: Job<O::Row>, updates: &mut Ve
     };
     let update = match outcome {
         Outcome::Row(u) => {
+            if let RowUpdate::Done {
+                action, target_id, ..
+            } = &u
+            {
+                ctx.op.finished(&mut job.row, action, *target_id);
+            }
             // Why a done row is as it is, when the operation says (already
             // delivered, already suppressed): the results file shows it.
             let note = match &u {
@@ -138,7 +146,66 @@ async fn work<O: Operation>(ctx: &Ctx<O>, mut job: Job<O::Row>, updates: &mut Ve
         // Never sent: back to pending, so a resume need not ask about it.
         Outcome::Left => (!job.was_sending).then_some(RowUpdate::Pending { line: job.line }),
     };
+    // Answered (or left): the next row's turn.
+    release_turn(ctx, &mut job);
     updates.extend(update);
+}
+
+/// The turns of a strict order: a row's in-turn call waits until every
+/// row with an earlier turn is answered, or has decided on a call that
+/// does not wait (an update). Turns are given in the order rows are handed
+/// out, and workers take rows in that order, so the earliest turn not yet
+/// released always belongs to a row being worked on: nobody waits forever.
+#[derive(Default)]
+struct Turns {
+    /// The earliest turn not released, and the later ones released early.
+    state: std::sync::Mutex<(u64, std::collections::BTreeSet<u64>)>,
+    moved: tokio::sync::Notify,
+}
+
+impl Turns {
+    fn release(&self, turn: u64) {
+        let mut g = self.state.lock().unwrap();
+        let (next, ahead) = &mut *g;
+        if turn < *next {
+            return;
+        }
+        if turn > *next {
+            ahead.insert(turn);
+            return;
+        }
+        *next += 1;
+        while ahead.remove(next) {
+            *next += 1;
+        }
+        drop(g);
+        self.moved.notify_waiters();
+    }
+
+    /// Waits for `turn`; `false` when the run stops first.
+    async fn wait(&self, turn: u64, stop: &Stop) -> bool {
+        loop {
+            let moved = self.moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            if self.state.lock().unwrap().0 == turn {
+                return true;
+            }
+            if stop.is_set() {
+                return false;
+            }
+            tokio::select! {
+                () = &mut moved => {}
+                () = stop.wait() => {}
+            }
+        }
+    }
+}
+
+fn release_turn<O: Operation>(ctx: &Ctx<O>, job: &mut Job<O::Row>) {
+    if let (Some(turns), Some(t)) = (&ctx.turns, job.turn.take()) {
+        turns.release(t);
+    }
 }
 
 fn done<R>(job: &Job<R>, action: &'static str, target: u64) -> Outcome {
@@ -240,6 +307,15 @@ async fn process<O: Operation>(ctx: &Ctx<O>, job: &mut Job<O::Row>) -> Outcome {
         if ctx.dry_run {
             let action = op.intent(intent).map_or(intent, |(_, a)| a);
             return done(job, action, 0);
+        }
+        // A strict order: this call waits for its turn; any other call
+        // lets the next row have it at once.
+        if let (Some(turns), Some(t)) = (&ctx.turns, job.turn) {
+            if !op.in_turn(intent) {
+                release_turn(ctx, job);
+            } else if !turns.wait(t, &ctx.stop).await {
+                return Outcome::Left;
+            }
         }
         loop {
             if ctx.stop.is_set() || !intend(ctx, job, intent).await {

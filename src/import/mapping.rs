@@ -494,6 +494,13 @@ pub struct Mapping {
     /// What was chosen and why (the preset `auto` picked, the Mailchimp
     /// list), for the log.
     pub notes: Vec<String>,
+    /// The field whose dates order the rows, when a column writes it.
+    pub order_by: Option<Target>,
+    /// Creates one after another in that order.
+    pub strict_order: bool,
+    /// How rows name their referrers, when a column writes both fields
+    /// (or the referrer is named by email).
+    pub referrals: Option<Referrals>,
 }
 
 /// Where a mapping comes from: the flags, as plain values.
@@ -531,6 +538,89 @@ pub struct MapFile {
     /// Ignored in a `--map` file, so a copied preset still loads.
     #[serde(default)]
     pub detect: Option<Detect>,
+    /// The field whose dates order the rows: sent oldest first (e.g.
+    /// `profile.signed_up_at`, written by a `date` column).
+    #[serde(default)]
+    pub order_by: Option<String>,
+    /// With `order_by`: creates one after another, so Prefinery receives
+    /// them in exactly that order (updates stay concurrent).
+    #[serde(default)]
+    pub strict_order: Option<bool>,
+    /// How a row names its referrer, for `--link-referrers`.
+    #[serde(default)]
+    pub referrals: Option<ReferralsSpec>,
+}
+
+/// `[referrals]`: the field that names a row's referrer, and which field
+/// of the referrer's row that name is.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferralsSpec {
+    /// E.g. `profile.source_referrer`.
+    pub referrer: String,
+    /// `email`, or a field such as `profile.source_referral_code`.
+    pub matches: String,
+}
+
+/// How rows name their referrers (a mapping's `[referrals]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Referrals {
+    pub referrer: Target,
+    pub matches: Target,
+}
+
+impl Referrals {
+    /// The referrer a row names, as compared.
+    pub fn named<'a>(&self, input: &'a TesterInput) -> Option<std::borrow::Cow<'a, str>> {
+        self.norm(field_value(input, &self.referrer)?)
+    }
+
+    /// How other rows name this one, as compared.
+    pub fn own<'a>(&self, input: &'a TesterInput) -> Option<std::borrow::Cow<'a, str>> {
+        self.norm(field_value(input, &self.matches)?)
+    }
+
+    /// Emails compare lower-cased; codes and ids as written.
+    fn norm<'a>(&self, v: &'a str) -> Option<std::borrow::Cow<'a, str>> {
+        let v = v.trim();
+        if v.is_empty() {
+            None
+        } else if self.matches == Target::Email {
+            Some(email_key(v).into())
+        } else {
+            Some(v.into())
+        }
+    }
+}
+
+/// The value a row's mapped input holds for `target`, if it is text.
+pub fn field_value<'a>(input: &'a TesterInput, target: &Target) -> Option<&'a str> {
+    match target {
+        Target::Email => input.email.as_deref(),
+        Target::Status => input.status.as_deref(),
+        Target::InvitationCode => input.invitation_code.as_deref(),
+        Target::ReferrerId => input.referrer_id.as_deref(),
+        Target::Profile(k) => input.profile.get(k).and_then(Value::as_str),
+        Target::Response(q) => input
+            .responses
+            .iter()
+            .find(|(k, _)| k == q)
+            .map(|(_, a)| a.as_str()),
+        Target::SplitName | Target::Ignore => None,
+    }
+}
+
+/// A date as the mapping writes it (`2025-07-21`, `2025-07-21T14:22:10Z`),
+/// as microseconds since 1970 for sorting; `None` for anything else.
+pub fn date_order_key(value: &str) -> Option<i64> {
+    let v = value.trim();
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(v) {
+        return Some(t.timestamp_micros());
+    }
+    NaiveDate::parse_from_str(v, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc().timestamp_micros())
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -693,6 +783,7 @@ impl Mapping {
             m.suppress_all = list.suppression_reason();
         }
         m.preset = preset_name;
+        notes.append(&mut m.notes);
         m.notes = notes;
         Ok(m)
     }
@@ -708,7 +799,19 @@ impl Mapping {
         let mut constants: BTreeMap<String, (Target, String)> = BTreeMap::new();
         let mut rules: BTreeMap<(u8, usize), Rule> = BTreeMap::new();
         let mut default_status = None;
+        let mut order_by: Option<(String, &str)> = None;
+        let mut strict_order = false;
+        let mut referrals: Option<(&ReferralsSpec, &str)> = None;
         for layer in layers {
+            if let Some(o) = &layer.file.order_by {
+                order_by = Some((o.clone(), layer.origin.as_str()));
+            }
+            if let Some(st) = layer.file.strict_order {
+                strict_order = st;
+            }
+            if let Some(r) = &layer.file.referrals {
+                referrals = Some((r, layer.origin.as_str()));
+            }
             let mut seen: BTreeMap<usize, &str> = BTreeMap::new();
             for (name, spec) in &layer.file.columns {
                 let Some(i) = find(name) else {
@@ -842,6 +945,61 @@ impl Mapping {
                 }
             }
         }
+        // A field some column (or constant) writes, or the email.
+        let written = |t: &Target, columns: &[Column]| {
+            *t == Target::Email
+                || columns.iter().any(|c| c.target.fields() == t.fields())
+                || constants.values().any(|(c, _)| c.fields() == t.fields())
+        };
+        let mut notes = Vec::new();
+        let order_by = match order_by {
+            None => None,
+            Some((name, origin)) => {
+                let t = Target::parse(&name).ok_or_else(|| {
+                    usage(format!(
+                        "{origin}: order_by {name:?} names no field (e.g. \"profile.signed_up_at\")"
+                    ))
+                })?;
+                if written(&t, &columns) {
+                    Some(t)
+                } else if layers
+                    .iter()
+                    .any(|l| l.optional_columns && l.origin == origin)
+                {
+                    notes.push(format!(
+                        "no column of this file writes {name} ({origin} orders by it): rows are sent in the file's order"
+                    ));
+                    None
+                } else {
+                    return Err(usage(format!(
+                        "{origin}: order_by {name:?} is a field no column writes; map the signup date column to it"
+                    )));
+                }
+            }
+        };
+        let referrals = match referrals {
+            None => None,
+            Some((spec, origin)) => {
+                let parse = |name: &str| {
+                    Target::parse(name).ok_or_else(|| {
+                        usage(format!("{origin}: [referrals] names no field {name:?}"))
+                    })
+                };
+                let r = Referrals {
+                    referrer: parse(&spec.referrer)?,
+                    matches: parse(&spec.matches)?,
+                };
+                if written(&r.referrer, &columns) && written(&r.matches, &columns) {
+                    Some(r)
+                } else {
+                    notes.push(format!(
+                        "this file has no column for {} or {} ([referrals] of {origin}): no referrer can be linked",
+                        spec.referrer, spec.matches
+                    ));
+                    None
+                }
+            }
+        };
         Ok(Mapping {
             columns,
             constants: constants.into_values().collect(),
@@ -852,7 +1010,10 @@ impl Mapping {
             suppress_all: None,
             default_status,
             preset: None,
-            notes: Vec::new(),
+            notes,
+            strict_order: strict_order && order_by.is_some(),
+            order_by,
+            referrals,
         })
     }
 

@@ -73,6 +73,11 @@ pub struct ImportOptions {
     /// Tell new users from existing ones by the mirror alone (sync; the
     /// caller has made it fresh).
     pub by_mirror: bool,
+    /// The order rows are sent in; `None`: the map's (or preset's).
+    pub order: Option<crate::engine::Order>,
+    /// Send each create's referrer, found among this run's rows, as
+    /// `referrer_id`.
+    pub link_referrers: bool,
 }
 
 impl ImportOptions {
@@ -98,6 +103,8 @@ impl ImportOptions {
             delimiter: None,
             strict: false,
             empty: EmptyCells::Keep,
+            order: None,
+            link_referrers: false,
             allow_emails: false,
             resolve: None,
             excel_safe: false,
@@ -135,6 +142,12 @@ pub struct ImportSummary {
     pub elapsed_secs: f64,
     pub stopped: bool,
     pub resolve: String,
+    /// The order creates were sent in: file, sorted or strict.
+    pub order: String,
+    /// `--link-referrers`: creates sent with their referrer's id, and
+    /// creates whose referrer could not be linked.
+    pub referrers_linked: Option<u64>,
+    pub referrers_not_linked: Option<u64>,
     pub unmapped_columns: Vec<String>,
     pub errors_file: Option<String>,
     pub results_file: Option<String>,
@@ -183,6 +196,9 @@ impl ImportSummary {
             elapsed_secs: s.elapsed_secs,
             stopped: s.stopped,
             resolve: note("resolve").as_str().unwrap_or_default().to_string(),
+            order: note("order").as_str().unwrap_or("file").to_string(),
+            referrers_linked: note("referrers_linked").as_u64(),
+            referrers_not_linked: note("referrers_not_linked").as_u64(),
             unmapped_columns: serde_json::from_value(note("unmapped_columns")).unwrap_or_default(),
             errors_file: s.errors_file.clone(),
             results_file: s.results_file.clone(),
@@ -226,6 +242,8 @@ pub async fn import(
     }
     op.empty = opts.empty;
     op.strict = opts.strict;
+    op.order = opts.order;
+    op.link_referrers = opts.link_referrers;
     let run_opts = RunOptions {
         beta: opts.beta.clone(),
         source: opts.source.clone(),

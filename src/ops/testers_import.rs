@@ -14,7 +14,9 @@ use serde_json::Value;
 
 use crate::api::{ApiError, Client, PAGE_SIZE, RateClass, Tester, TesterInput};
 use crate::checkpoint::Checkpoint;
-use crate::engine::{Cost, Decision, Doubt, Effect, Intent, Operation, Parsed, Prepare, Sent};
+use crate::engine::{
+    Cost, Decision, Doubt, Effect, Intent, Operation, Order, Parsed, Prepare, Sent,
+};
 use crate::exit::usage;
 use crate::import::mapping::{self, EMAILING_STATUSES, EmptyCells, MapSource, Mapped, Mapping};
 use crate::import::presets::MailchimpList;
@@ -74,7 +76,37 @@ pub struct TestersImport {
     /// The mirror: read when `resolve` is `Mirror`; written back to with
     /// what the API returns for each create and update either way.
     pub mirror: Option<MirrorUse>,
+    /// `--order`; else the map's (sorted by `order_by`, strict when it
+    /// says so), else the file's.
+    pub order: Option<Order>,
+    /// `--link-referrers`: send the referrer's Prefinery id, found among
+    /// this run's rows, as `referrer_id` on each create.
+    pub link_referrers: bool,
     mapping: Option<Mapping>,
+    links: Option<Links>,
+}
+
+/// What `--link-referrers` keeps while the run goes.
+struct Links {
+    referrals: mapping::Referrals,
+    /// The rows some row names as its referrer, and the Prefinery id each
+    /// one's row ended with (0: not done yet). Bounded by the number of
+    /// referrers, not of rows.
+    ids: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+    made: std::sync::atomic::AtomicU64,
+    not_made: std::sync::atomic::AtomicU64,
+}
+
+/// What became of a create's referrer, for the results file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Link {
+    /// Sent as `referrer_id`.
+    Made { id: u64, line: u64 },
+    /// No row of this file is that referrer.
+    NotInFile(String),
+    /// The referrer's row had no Prefinery id yet (it comes later in the
+    /// order, or was rejected, or was still in flight: `--order sorted`).
+    NotYet { line: u64 },
 }
 
 impl TestersImport {
@@ -94,7 +126,10 @@ impl TestersImport {
             empty: EmptyCells::Keep,
             strict: false,
             mirror: None,
+            order: None,
+            link_referrers: false,
             mapping: None,
+            links: None,
         }
     }
 
@@ -138,6 +173,20 @@ pub struct ImportRow {
     defaulted: bool,
     /// The update the decision made.
     change: Option<Box<(u64, TesterInput)>>,
+    /// Its line (told by the engine before it is worked on).
+    line: u64,
+    /// `--link-referrers`: the line of the row it names as its referrer,
+    /// or the name no row has; and, once created, what became of it.
+    referrer: Option<Box<ReferrerOf>>,
+}
+
+/// A row's referrer, for `--link-referrers`.
+#[derive(Debug)]
+struct ReferrerOf {
+    /// The line of the row it names, or the name no row has.
+    named: Result<u64, String>,
+    /// What became of it, once the create was sent.
+    link: Option<Link>,
 }
 
 impl ImportRow {
@@ -230,6 +279,31 @@ impl Operation for TestersImport {
         probe
             .finish()
             .map_err(|e| usage(format!("{}: {e}", input.source.display())))?;
+        if matches!(self.order, Some(Order::Sorted | Order::Strict)) && mapping.order_by.is_none() {
+            return Err(usage(
+                "--order sorted and strict need the field to sort on: the map's order_by \
+                 (e.g. order_by = \"profile.signed_up_at\", written by the signup date column)",
+            ));
+        }
+        if self.link_referrers {
+            match &mapping.referrals {
+                Some(r) => {
+                    self.links = Some(Links {
+                        referrals: r.clone(),
+                        ids: Default::default(),
+                        made: Default::default(),
+                        not_made: Default::default(),
+                    })
+                }
+                None => {
+                    return Err(usage(
+                        "--link-referrers needs to know how rows name their referrer: a [referrals] table in the map \
+                         (referrer = \"profile.source_referrer\", matches = \"email\" or the referrer's field), \
+                         and columns that write both",
+                    ));
+                }
+            }
+        }
         self.mapping = Some(mapping);
         Ok(())
     }
@@ -252,6 +326,8 @@ impl Operation for TestersImport {
             learnt: None,
             defaulted: false,
             change: None,
+            line: 0,
+            referrer: None,
         };
         if let (Some(Resolve::Mirror), Some(m)) = (self.resolve, &self.mirror) {
             let known = m
@@ -313,7 +389,80 @@ impl Operation for TestersImport {
     /// Rows that may set a status that emails people must all be counted
     /// before anything is sent.
     fn single_pass(&self) -> bool {
-        self.allow_emails || !self.mapping().sets_status()
+        // Linking referrers needs every row's name known before the first
+        // create.
+        !self.link_referrers && (self.allow_emails || !self.mapping().sets_status())
+    }
+
+    fn order(&self) -> Order {
+        let m = self.mapping();
+        self.order.unwrap_or(match (&m.order_by, m.strict_order) {
+            (None, _) => Order::File,
+            (Some(_), false) => Order::Sorted,
+            (Some(_), true) => Order::Strict,
+        })
+    }
+
+    /// The row's date in the `order_by` field; rows without one go last.
+    fn order_key(&self, row: &ImportRow) -> i64 {
+        self.mapping()
+            .order_by
+            .as_ref()
+            .and_then(|t| mapping::field_value(&row.input, t))
+            .and_then(mapping::date_order_key)
+            .unwrap_or(i64::MAX)
+    }
+
+    fn in_turn(&self, intent: Intent) -> bool {
+        intent == "create"
+    }
+
+    fn note_planned(
+        &self,
+        ck: &Checkpoint,
+        run: i64,
+        line: u64,
+        row: &ImportRow,
+    ) -> anyhow::Result<()> {
+        if let Some(l) = &self.links {
+            if let Some(own) = l.referrals.own(&row.input) {
+                ck.note_ref(run, &own, line)?;
+            }
+            if let Some(named) = l.referrals.named(&row.input) {
+                ck.note_wanted_ref(run, &named)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn place(&self, row: &mut ImportRow, line: u64, _stopped_detail: Option<String>) {
+        row.line = line;
+    }
+
+    fn finished(&self, row: &mut ImportRow, _action: &'static str, target: u64) {
+        if let Some(l) = &self.links
+            && target != 0
+            && let Some(id) = l.ids.lock().unwrap().get_mut(&row.line)
+        {
+            *id = target;
+        }
+    }
+
+    fn done_note(&self, row: &ImportRow, action: &str) -> Option<String> {
+        if action != "created" {
+            return None;
+        }
+        Some(match row.referrer.as_deref()?.link.as_ref()? {
+            Link::Made { id, line } => {
+                format!("referrer linked: referrer_id {id} (the row on line {line})")
+            }
+            Link::NotInFile(name) => {
+                format!("referrer not linked: no row of this file is {name:?}")
+            }
+            Link::NotYet { line } => format!(
+                "referrer not linked: its row (line {line}) had no Prefinery id when this one was created"
+            ),
+        })
     }
 
     fn gate(&self, row: &ImportRow) -> bool {
@@ -334,6 +483,18 @@ impl Operation for TestersImport {
     }
 
     async fn prepare(&mut self, p: Prepare<'_>) -> anyhow::Result<()> {
+        if let Some(l) = &self.links {
+            // The referrers, with the ids of those a stopped run did.
+            let mut ids = l.ids.lock().unwrap();
+            for (line, target) in p.checkpoint.named_rows(p.run)? {
+                ids.insert(line, target.unwrap_or(0));
+            }
+            tracing::info!(
+                referrers = ids.len(),
+                "--link-referrers: {} rows of this file are named as a referrer",
+                ids.len()
+            );
+        }
         // A sync reads the mirror, which the caller made fresh.
         if self.resolve == Some(Resolve::Mirror) {
             return Ok(());
@@ -422,6 +583,15 @@ impl Operation for TestersImport {
         run: i64,
         row: &mut ImportRow,
     ) -> anyhow::Result<Option<Intent>> {
+        if let Some(l) = &self.links
+            && let Some(named) = l.referrals.named(&row.input)
+        {
+            let found = ck.ref_line(run, &named)?.ok_or_else(|| named.into_owned());
+            row.referrer = Some(Box::new(ReferrerOf {
+                named: found,
+                link: None,
+            }));
+        }
         if self.resolve == Some(Resolve::List) {
             row.known = ck
                 .known(run, &row.email_key)?
@@ -531,6 +701,7 @@ impl Operation for TestersImport {
                 target: *id,
             });
         }
+        self.link_referrer(row);
         // With a mirror to keep current, the whole created user is read
         // from the answer; without, only its id (a tenth of the work).
         let created = match &self.mirror {
@@ -614,6 +785,10 @@ impl Operation for TestersImport {
             "--mailchimp-list".into(),
             serde_json::to_value(self.mailchimp_list).unwrap_or_default(),
         );
+        if self.mapping.is_some() {
+            m.insert("--order".into(), Value::String(self.order().name().into()));
+        }
+        m.insert("--link-referrers".into(), Value::Bool(self.link_referrers));
         m
     }
 
@@ -647,11 +822,51 @@ impl Operation for TestersImport {
                     .unwrap_or_default(),
             ),
         );
+        if self.mapping.is_some() {
+            m.insert("order".into(), Value::String(self.order().name().into()));
+        }
+        if let Some(l) = &self.links {
+            m.insert(
+                "referrers_linked".into(),
+                Value::from(l.made.load(std::sync::atomic::Ordering::Relaxed)),
+            );
+            m.insert(
+                "referrers_not_linked".into(),
+                Value::from(l.not_made.load(std::sync::atomic::Ordering::Relaxed)),
+            );
+        }
         m
     }
 }
 
 impl TestersImport {
+    /// `--link-referrers`: the referrer's Prefinery id, when its row has
+    /// one by now, goes into the create as `referrer_id`. Decided once a
+    /// row (a create sent again keeps what the first try sent).
+    fn link_referrer(&self, row: &mut ImportRow) {
+        let (Some(l), Some(r)) = (&self.links, row.referrer.as_deref_mut()) else {
+            return;
+        };
+        if r.link.is_some() {
+            return;
+        }
+        let link = match &r.named {
+            Err(name) => Link::NotInFile(name.clone()),
+            Ok(line) => match l.ids.lock().unwrap().get(line).copied() {
+                Some(id) if id != 0 && *line != row.line => Link::Made { id, line: *line },
+                _ => Link::NotYet { line: *line },
+            },
+        };
+        if let Link::Made { id, .. } = link {
+            row.input.referrer_id = Some(id.to_string());
+            l.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            l.not_made
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        r.link = Some(link);
+    }
+
     /// Keeps the mirror current with the API's answer. A failure to write
     /// does not undo the call: it is logged, and the next listing mends
     /// the mirror.
