@@ -138,6 +138,10 @@ pub struct ImportRow {
     defaulted: bool,
     /// The update the decision made.
     change: Option<Box<(u64, TesterInput)>>,
+    /// An earlier call for this row may have taken effect unseen (its
+    /// outcome was unknown, or it was in flight when a run stopped): an
+    /// email found taken may be this row's own create.
+    in_doubt: bool,
 }
 
 impl ImportRow {
@@ -252,6 +256,7 @@ impl Operation for TestersImport {
             learnt: None,
             defaulted: false,
             change: None,
+            in_doubt: false,
         };
         if let (Some(Resolve::Mirror), Some(m)) = (self.resolve, &self.mirror) {
             let known = m
@@ -442,6 +447,7 @@ impl Operation for TestersImport {
     }
 
     async fn find_effect(&self, row: &mut ImportRow, doubt: Doubt) -> Result<Effect, ApiError> {
+        row.in_doubt = true;
         // This run listed the project after the stopped one died, so for a
         // row in flight then the listing answers as well as a lookup (and
         // costs no call). The mirror may be older than the stopped run's
@@ -554,9 +560,36 @@ impl Operation for TestersImport {
                 messages,
                 ..
             }) if messages.mentions("taken") || messages.mentions("already exists") => {
-                // Someone else created it since it was resolved: update it.
+                // In --mode create, a row never in doubt is refused only
+                // because the person exists: rejected at once, without a
+                // lookup (a testers-list call, 60 a minute) that could not
+                // change its fate.
+                if self.mode == Mode::Create && !row.in_doubt {
+                    return Ok(Sent::Rejected {
+                        status: Some(422),
+                        message: format!(
+                            "{} already exists in the project (the API says the email is taken); --mode create does not update users",
+                            row.email_key
+                        ),
+                    });
+                }
                 match self.lookup(row.email()).await? {
-                    Some(t) if self.mode != Mode::Create => {
+                    // An earlier create of this row had an unknown outcome
+                    // (the lookup after it may have come too early): the
+                    // user there is its effect, as `find_effect` would say.
+                    Some(t) if self.mode == Mode::Create => {
+                        if let Some(m) = &self.mirror
+                            && let Err(e) = m.mirror.write_tester(m.beta_id, &t)
+                        {
+                            tracing::warn!("failed to write a user back to the mirror: {e:#}");
+                        }
+                        Ok(Sent::Done {
+                            action: "created",
+                            target: id_of(&t),
+                        })
+                    }
+                    // Someone else created it since it was resolved: update it.
+                    Some(t) => {
                         if row.defaulted {
                             row.input.status = None;
                             row.defaulted = false;
