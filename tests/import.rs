@@ -954,3 +954,74 @@ async fn create_mode_a_taken_email_after_an_unknown_outcome_is_the_rows_own_crea
     let results = std::fs::read_to_string(dir.path().join("results.csv")).unwrap();
     assert!(results.contains("solo@x.io,created,77"), "{results}");
 }
+
+/// Regression (issue 16, defect 7): a dry run without --results printed
+/// "rejected N" and wrote nothing; a rejected row had an empty email in
+/// the results; an update did not say which fields would change. A dry
+/// run always writes its plan (beside the checkpoint by default), 0600,
+/// with every row's email and an update's changed fields; it sends no
+/// write.
+#[tokio::test]
+async fn a_dry_run_writes_its_plan_with_emails_and_changed_fields() {
+    let f = Fixture::new(SandboxConfig {
+        seed_testers: 3,
+        ..Default::default()
+    })
+    .await;
+    let old_name = f.user("user1@example.com")["profile"]["first_name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let input = f.file(
+        "in.csv",
+        b"first_name,E-mail\nChanged,user1@example.com\nNew,new@x.io\nBad,not-an-email\nDup,new@x.io\nRagged,ragged@x.io,extra\n",
+    );
+    let mut o = f.opts(&input);
+    o.dry_run = true;
+    o.results = None;
+    o.errors = None;
+    let s = f.run(&o).await.unwrap();
+    assert_eq!((s.created, s.updated, s.rejected), (1, 1, 3), "{s}");
+    let plan_path = f.dir.path().join("ck.dry-run.csv");
+    assert_eq!(
+        s.results_file.as_deref(),
+        Some(plan_path.display().to_string().as_str())
+    );
+    assert!(
+        s.to_string()
+            .contains(&format!("plan: {}", plan_path.display())),
+        "the summary names the plan: {s}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&plan_path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let plan = f.csv("ck.dry-run.csv");
+    assert_eq!(plan[0][..3], ["line", "email", "action"]);
+    assert_eq!(plan[1][1..3], ["user1@example.com", "updated"]);
+    assert!(
+        plan[1][5].contains(&format!(
+            "profile.first_name \"{old_name}\" -> \"Changed\""
+        )),
+        "{:?}",
+        plan[1]
+    );
+    assert_eq!(plan[2][1..3], ["new@x.io", "created"]);
+    assert_eq!(plan[3][1..3], ["not-an-email", "rejected"], "{:?}", plan[3]);
+    assert_eq!(plan[4][1..3], ["new@x.io", "rejected"], "{:?}", plan[4]);
+    assert_eq!(plan[5][1..3], ["ragged@x.io", "rejected"], "{:?}", plan[5]);
+    assert!(!f.dir.path().join("ck.sqlite").exists(), "no checkpoint");
+    assert!(!f.dir.path().join("errors.csv").exists());
+    let stats = f.sandbox.app.stats_json();
+    for write in ["testers.create", "testers.update", "testers.delete"] {
+        assert!(stats["routes"].get(write).is_none(), "{stats:#}");
+    }
+    // An explicit --results still wins.
+    let mut o = f.opts(&input);
+    o.dry_run = true;
+    let s = f.run(&o).await.unwrap();
+    assert!(s.results_file.unwrap().ends_with("results.csv"));
+    assert_eq!(f.csv("results.csv")[3][1], "not-an-email");
+}

@@ -75,6 +75,9 @@ pub struct TestersImport {
     /// what the API returns for each create and update either way.
     pub mirror: Option<MirrorUse>,
     mapping: Option<Mapping>,
+    /// A dry run: an update's row keeps the fields it would change, for
+    /// the plan.
+    dry_run: bool,
 }
 
 impl TestersImport {
@@ -95,6 +98,7 @@ impl TestersImport {
             strict: false,
             mirror: None,
             mapping: None,
+            dry_run: false,
         }
     }
 
@@ -138,6 +142,9 @@ pub struct ImportRow {
     defaulted: bool,
     /// The update the decision made.
     change: Option<Box<(u64, TesterInput)>>,
+    /// In a dry run, the fields an update would change, as the plan says
+    /// them.
+    would_change: Option<Box<String>>,
     /// An earlier call for this row may have taken effect unseen (its
     /// outcome was unknown, or it was in flight when a run stopped): an
     /// email found taken may be this row's own create.
@@ -257,6 +264,7 @@ impl Operation for TestersImport {
             defaulted: false,
             change: None,
             in_doubt: false,
+            would_change: None,
         };
         if let (Some(Resolve::Mirror), Some(m)) = (self.resolve, &self.mirror) {
             let known = m
@@ -306,6 +314,20 @@ impl Operation for TestersImport {
         "email"
     }
 
+    /// The column the mapping reads the email from (a preset's `Email
+    /// Address`, a map's own name).
+    fn key_column(&self) -> Option<usize> {
+        self.mapping.as_ref().map(|m| m.email_column)
+    }
+
+    /// In a dry run, the fields an update would change (old and new
+    /// value), for the plan; nothing otherwise (a note costs a write).
+    fn done_note(&self, row: &ImportRow, action: &str) -> Option<String> {
+        (self.dry_run && action == "updated")
+            .then(|| row.would_change.as_deref().cloned())
+            .flatten()
+    }
+
     /// A sync is run again to converge again (the mirror tells what
     /// changed). An import of a file a run finished, with the same
     /// settings, is not sent again: its reports stay those of the run that
@@ -339,6 +361,7 @@ impl Operation for TestersImport {
     }
 
     async fn prepare(&mut self, p: Prepare<'_>) -> anyhow::Result<()> {
+        self.dry_run = p.dry_run;
         // A sync reads the mirror, which the caller made fresh.
         if self.resolve == Some(Resolve::Mirror) {
             return Ok(());
@@ -504,6 +527,10 @@ impl Operation for TestersImport {
                         target: id,
                     },
                     Some(change) => {
+                        if self.dry_run {
+                            row.would_change =
+                                Some(Box::new(describe_changes(&field_changes(Some(&t), &change))));
+                        }
                         row.change = Some(Box::new((id, change)));
                         Decision::Send("update")
                     }
@@ -785,6 +812,16 @@ pub fn field_changes(
         out.push((format!("response.{q}"), old, a.clone()));
     }
     out
+}
+
+/// Field changes as one line of text, for a dry run's plan:
+/// `would change profile.first_name "Ann" -> "Anne"; status "applied" -> "imported"`.
+pub fn describe_changes(changes: &[(String, String, String)]) -> String {
+    let parts: Vec<String> = changes
+        .iter()
+        .map(|(field, old, new)| format!("{field} {old:?} -> {new:?}"))
+        .collect();
+    format!("would change {}", parts.join("; "))
 }
 
 /// The fields of a plan back as what a create or an update sends.
