@@ -1002,9 +1002,7 @@ async fn a_dry_run_writes_its_plan_with_emails_and_changed_fields() {
     assert_eq!(plan[0][..3], ["line", "email", "action"]);
     assert_eq!(plan[1][1..3], ["user1@example.com", "updated"]);
     assert!(
-        plan[1][5].contains(&format!(
-            "profile.first_name \"{old_name}\" -> \"Changed\""
-        )),
+        plan[1][5].contains(&format!("profile.first_name \"{old_name}\" -> \"Changed\"")),
         "{:?}",
         plan[1]
     );

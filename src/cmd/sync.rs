@@ -19,7 +19,14 @@ pub async fn run(
     super::import::install_ctrl_c(&stop);
     let opts = sync_options(a, beta);
     let summary = sync(client, &opts, stop, progress).await?;
-    eprint!("{summary}");
+    crate::say::summary("sync", &summary);
+    crate::say::rejected(
+        summary.import.rejected,
+        summary.import.errors_file.as_deref(),
+    );
+    if let Some(d) = &summary.deleted {
+        crate::say::rejected(d.rejected, d.errors_file.as_deref());
+    }
     Ok(
         if summary.import.stopped || summary.deleted.as_ref().is_some_and(|d| d.stopped) {
             Exit::Resumable
@@ -54,7 +61,7 @@ pub async fn plan(
     let stop = Stop::default();
     super::import::install_ctrl_c(&stop);
     let s = crate::sync::plan(client, &sync_options(&a.sync, beta), &a.out, stop, progress).await?;
-    eprint!("{s}");
+    crate::say::summary("plan", &s);
     Ok(Exit::Done)
 }
 
@@ -79,6 +86,7 @@ pub async fn apply(
         fresh: a.fresh,
     };
     let s = crate::sync::apply(client, &opts, stop, progress).await?;
-    eprint!("{s}");
+    crate::say::summary("apply", &s);
+    crate::say::rejected(s.rejected, s.errors_file.as_deref());
     Ok(super::bulk::exit_of(&s))
 }

@@ -522,10 +522,10 @@ pub async fn run<O: Operation>(
     let key = input_key(&opts.source);
     // A dry run always writes its plan (what each row would do, and why):
     // to --results, else beside the checkpoint.
-    let results_file = opts.results.clone().or_else(|| {
-        opts.dry_run
-            .then(|| default_plan_path(&opts.checkpoint))
-    });
+    let results_file = opts
+        .results
+        .clone()
+        .or_else(|| opts.dry_run.then(|| default_plan_path(&opts.checkpoint)));
     {
         let mut outputs: Vec<(&str, &Path)> = vec![];
         if !opts.dry_run {

@@ -144,7 +144,7 @@ pub struct ImportRow {
     change: Option<Box<(u64, TesterInput)>>,
     /// In a dry run, the fields an update would change, as the plan says
     /// them.
-    would_change: Option<Box<String>>,
+    would_change: Option<Box<str>>,
     /// An earlier call for this row may have taken effect unseen (its
     /// outcome was unknown, or it was in flight when a run stopped): an
     /// email found taken may be this row's own create.
@@ -324,7 +324,7 @@ impl Operation for TestersImport {
     /// value), for the plan; nothing otherwise (a note costs a write).
     fn done_note(&self, row: &ImportRow, action: &str) -> Option<String> {
         (self.dry_run && action == "updated")
-            .then(|| row.would_change.as_deref().cloned())
+            .then(|| row.would_change.as_deref().map(str::to_string))
             .flatten()
     }
 
@@ -528,8 +528,10 @@ impl Operation for TestersImport {
                     },
                     Some(change) => {
                         if self.dry_run {
-                            row.would_change =
-                                Some(Box::new(describe_changes(&field_changes(Some(&t), &change))));
+                            row.would_change = Some(Box::from(describe_changes(&field_changes(
+                                Some(&t),
+                                &change,
+                            ))));
                         }
                         row.change = Some(Box::new((id, change)));
                         Decision::Send("update")
