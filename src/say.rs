@@ -42,15 +42,23 @@ pub fn summary<S: std::fmt::Display + Serialize>(what: &str, s: &S) {
     };
 }
 
-/// Under `-q`, rows rejected are the one thing worth a line (cron mails
-/// it): how many, and where the report is. Otherwise the summary says it.
-pub fn rejected(rows: u64, report: Option<&str>) {
-    if quiet() && rows > 0 {
+/// Under `-q`, a run that did not do all its work is the one thing worth a
+/// line each (cron mails it): stopped before the end (exit 5), rows
+/// rejected (exit 4), and where the report is. Otherwise the summary says
+/// it.
+pub fn unfinished(stopped: bool, rejected: u64, report: Option<&str>) {
+    if !quiet() {
+        return;
+    }
+    if stopped {
+        tracing::error!("stopped before the end: run the same command again to resume");
+    }
+    if rejected > 0 {
         match report {
             Some(r) => {
-                tracing::error!(rejected = rows, report = r, "{rows} rows rejected; see {r}")
+                tracing::error!(rejected, report = r, "{rejected} rows rejected; see {r}")
             }
-            None => tracing::error!(rejected = rows, "{rows} rows rejected"),
+            None => tracing::error!(rejected, "{rejected} rows rejected"),
         }
     }
 }

@@ -58,6 +58,10 @@ pub async fn run<O: Operation>(
     let subs = Subscribers::standard(progress, a.excel_safe, opts.summary_json.as_deref());
     let (summary, _) = crate::engine::run(client, op, &opts, stop, subs).await?;
     crate::say::summary(summary.kind, &summary);
-    crate::say::rejected(summary.rejected, summary.errors_file.as_deref());
+    crate::say::unfinished(
+        summary.stopped,
+        summary.rejected,
+        summary.errors_file.as_deref(),
+    );
     Ok(exit_of(&summary))
 }

@@ -113,6 +113,7 @@ pub async fn run(
     super::import::install_ctrl_c(&stop);
     let summary = export(client, &opts, stop, progress).await?;
     crate::say::summary("export", &summary);
+    crate::say::unfinished(!summary.complete, 0, None);
     if let Some(p) = &a.summary_json {
         crate::output::write_json(p, &summary)?;
     }

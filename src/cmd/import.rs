@@ -75,6 +75,10 @@ pub async fn run(
     opts.mirror = a.mirror.clone();
     let summary = import(client, &opts, stop, progress).await?;
     crate::say::summary("import", &summary);
-    crate::say::rejected(summary.rejected, summary.errors_file.as_deref());
+    crate::say::unfinished(
+        summary.stopped,
+        summary.rejected,
+        summary.errors_file.as_deref(),
+    );
     Ok(exit_of(&summary))
 }

@@ -20,12 +20,13 @@ pub async fn run(
     let opts = sync_options(a, beta);
     let summary = sync(client, &opts, stop, progress).await?;
     crate::say::summary("sync", &summary);
-    crate::say::rejected(
+    crate::say::unfinished(
+        summary.import.stopped,
         summary.import.rejected,
         summary.import.errors_file.as_deref(),
     );
     if let Some(d) = &summary.deleted {
-        crate::say::rejected(d.rejected, d.errors_file.as_deref());
+        crate::say::unfinished(d.stopped, d.rejected, d.errors_file.as_deref());
     }
     Ok(
         if summary.import.stopped || summary.deleted.as_ref().is_some_and(|d| d.stopped) {
@@ -87,6 +88,6 @@ pub async fn apply(
     };
     let s = crate::sync::apply(client, &opts, stop, progress).await?;
     crate::say::summary("apply", &s);
-    crate::say::rejected(s.rejected, s.errors_file.as_deref());
+    crate::say::unfinished(s.stopped, s.rejected, s.errors_file.as_deref());
     Ok(super::bulk::exit_of(&s))
 }
