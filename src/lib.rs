@@ -20,6 +20,7 @@ pub mod ops;
 pub mod output;
 pub mod progress;
 pub mod sandbox;
+pub mod say;
 pub mod stop;
 pub mod sync;
 pub mod time;
@@ -31,6 +32,10 @@ pub use exit::Exit;
 
 /// Runs one command to its end and says how it ended.
 pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
+    say::configure(
+        cli.global.quiet,
+        cli.global.log_format == cli::LogFormat::Json,
+    );
     match &cli.command {
         Command::Sandbox(a) => {
             cmd::sandbox::run(a).await?;

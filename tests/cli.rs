@@ -295,3 +295,286 @@ fn an_api_that_cannot_be_reached_exits_7_within_seconds() {
         assert!(!stderr.contains(SECRET) && !stdout.contains(SECRET));
     }
 }
+
+// Cron output (issue 16, defect 6). Each test failed before its fix.
+
+/// A prefsync in `dir`, against a sandbox with limits off.
+fn cron(base: &str, dir: &std::path::Path, args: &[&str]) -> Command {
+    let mut c = prefsync(base, Some("sandbox-key"));
+    c.current_dir(dir).args(args).args([
+        "--rate",
+        "testers-list=1000/1s",
+        "--rate",
+        "account-list=1000/1s",
+        "--rate",
+        "betas=1000/1s",
+    ]);
+    c
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+async fn cron_sandbox() -> prefsync::sandbox::Sandbox {
+    common::sandbox(SandboxConfig {
+        rate_scale: 0.0,
+        seed_testers: 30,
+        ..Default::default()
+    })
+    .await
+}
+
+/// With `-q` a run that went well prints nothing (cron mails any output);
+/// its summary JSON is still written; rejected rows are one error line.
+#[tokio::test(flavor = "multi_thread")]
+async fn quiet_prints_nothing_but_errors_and_still_writes_the_summary_json() {
+    let s = cron_sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("in.csv"),
+        "email,first_name\nnew1@x.io,A\nnew2@x.io,B\n",
+    )
+    .unwrap();
+    let args = [
+        "import",
+        "testers",
+        "--beta",
+        "1",
+        "--file",
+        "in.csv",
+        "-q",
+        "--summary-json",
+        "s.json",
+    ];
+    let out = run(cron(&s.base_url(), d, &args)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "", "nothing on stderr");
+    assert_eq!(text(&out.stdout), "", "nothing on stdout");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("s.json")).unwrap()).unwrap();
+    assert_eq!(summary["created"], 2);
+
+    // Rows rejected: one line, naming the report.
+    std::fs::write(d.join("bad.csv"), "email\nnot-an-email\nnew3@x.io\n").unwrap();
+    let args = [
+        "import", "testers", "--beta", "1", "--file", "bad.csv", "-q",
+    ];
+    let out = run(cron(&s.base_url(), d, &args)).await;
+    assert_eq!(out.status.code(), Some(4));
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("1 rows rejected; see prefsync-checkpoint.run2.errors.csv"),
+        "{stderr}"
+    );
+
+    // A bulk operation and an export, quiet too.
+    std::fs::write(d.join("sup.csv"), "email\nnew1@x.io\n").unwrap();
+    let args = [
+        "suppressions",
+        "add",
+        "--beta",
+        "1",
+        "--file",
+        "sup.csv",
+        "-q",
+    ];
+    let out = run(cron(&s.base_url(), d, &args)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "");
+    let args = ["export", "testers", "--beta", "1", "--out", "u.csv", "-q"];
+    let out = run(cron(&s.base_url(), d, &args)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "");
+}
+
+/// With `--log-format json` every line on stderr is JSON, the last one the
+/// summary as an event with its counts as fields (not the text summary):
+/// import, a bulk operation, export, sync, plan and apply.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_end_with_the_summary_as_one_json_event() {
+    let s = cron_sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("in.csv"),
+        "email,first_name\nnew1@x.io,A\nnot-an-email,B\n",
+    )
+    .unwrap();
+    std::fs::write(d.join("sup.csv"), "email\nnew1@x.io\n").unwrap();
+    std::fs::write(
+        d.join("sync.csv"),
+        "email,first_name\nuser1@example.com,Renamed\n",
+    )
+    .unwrap();
+    let json = ["--log-format", "json"];
+    let cases: Vec<(Vec<&str>, &str, &str, serde_json::Value)> = vec![
+        (
+            vec!["import", "testers", "--beta", "1", "--file", "in.csv"],
+            "import finished",
+            "created",
+            1.into(),
+        ),
+        (
+            vec!["suppressions", "add", "--beta", "1", "--file", "sup.csv"],
+            "suppressions.add finished",
+            "total_rows",
+            1.into(),
+        ),
+        (
+            vec!["export", "testers", "--beta", "1", "--out", "m.sqlite"],
+            "export finished",
+            "format",
+            "sqlite".into(),
+        ),
+        (
+            vec![
+                "sync", "testers", "--beta", "1", "--file", "sync.csv", "--mirror", "m.sqlite",
+            ],
+            "sync finished",
+            "refreshed",
+            false.into(),
+        ),
+        (
+            vec![
+                "plan", "testers", "--beta", "1", "--file", "sync.csv", "--mirror", "m.sqlite",
+                "--out", "plan.csv",
+            ],
+            "plan finished",
+            "plan",
+            "plan.csv".into(),
+        ),
+        (
+            vec![
+                "apply",
+                "plan.csv",
+                "--mirror",
+                "m.sqlite",
+                "--checkpoint",
+                "apply.sqlite",
+            ],
+            "apply finished",
+            "kind",
+            "testers.apply".into(),
+        ),
+    ];
+    for (args, message, field, value) in cases {
+        let mut all = args.clone();
+        all.extend(json);
+        let out = run(cron(&s.base_url(), d, &all)).await;
+        let stderr = text(&out.stderr);
+        assert!(
+            matches!(out.status.code(), Some(0 | 4)),
+            "{args:?}: {stderr}"
+        );
+        for line in stderr.lines() {
+            serde_json::from_str::<serde_json::Value>(line)
+                .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {line}"));
+        }
+        let last: serde_json::Value =
+            serde_json::from_str(stderr.lines().last().expect("a summary")).unwrap();
+        assert_eq!(last["fields"]["message"], message, "{args:?}: {last}");
+        assert_eq!(last["fields"]["summary"][field], value, "{args:?}: {last}");
+    }
+}
+
+/// The lock's holder is named by pid, host and a readable local time,
+/// from a lock file of today's format and of the old one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_held_lock_names_its_holder_in_local_time() {
+    let s = cron_sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lock = prefsync::lock::RunLock::acquire(&d.join("u.csv")).unwrap();
+    let args = ["export", "testers", "--beta", "1", "--out", "u.csv"];
+    let out = run(cron(&s.base_url(), d, &args)).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
+    let year = chrono::Local::now().format("%Y-").to_string();
+    assert!(
+        stderr.contains(&format!("pid {} on ", std::process::id())),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&format!("started {year}")), "{stderr}");
+    assert!(!stderr.contains("unix time"), "{stderr}");
+    drop(lock);
+    assert!(!d.join("u.csv.lock").exists(), "released, removed");
+
+    // A lock file an older prefsync wrote, held.
+    let old = d.join("v.csv.lock");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    std::fs::write(
+        &old,
+        format!("pid 4242 on old-host, started at unix time {now}"),
+    )
+    .unwrap();
+    let f = std::fs::File::open(&old).unwrap();
+    f.try_lock().unwrap();
+    let args = ["export", "testers", "--beta", "1", "--out", "v.csv"];
+    let out = run(cron(&s.base_url(), d, &args)).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
+    assert!(
+        stderr.contains(&format!("pid 4242 on old-host, started {year}")),
+        "{stderr}"
+    );
+    drop(f);
+}
+
+/// A CSV or JSONL export names the real project and its format, in words
+/// and in the summary JSON, and leaves only its output once finished (no
+/// lock, no checkpoint); a SQLite export leaves its file, the history.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_finished_export_names_its_project_and_leaves_only_its_output() {
+    let s = cron_sandbox().await;
+    for (format, out) in [
+        ("csv", "u.csv"),
+        ("jsonl", "u.jsonl"),
+        ("sqlite", "u.sqlite"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let args = [
+            "export",
+            "testers",
+            "--beta",
+            "a9b8c7de",
+            "--out",
+            out,
+            "--summary-json",
+            "s.json",
+        ];
+        let res = run(cron(&s.base_url(), d, &args)).await;
+        let stderr = text(&res.stderr);
+        assert_eq!(res.status.code(), Some(0), "{stderr}");
+        assert!(
+            stderr.contains(&format!("export to {out} ({format}): 30 records")),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("project 1 (a9b8c7de, Sandbox Waitlist) testers: 30 records"),
+            "{stderr}"
+        );
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("s.json")).unwrap()).unwrap();
+        assert_eq!(summary["format"], format);
+        assert_eq!(summary["parts"][0]["beta_id"], 1);
+        assert_eq!(summary["parts"][0]["beta_uid"], "a9b8c7de");
+        assert_eq!(summary["parts"][0]["beta_name"], "Sandbox Waitlist");
+        let mut left: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            vec!["s.json".to_string(), out.to_string()],
+            "{format}"
+        );
+    }
+}

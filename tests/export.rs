@@ -345,8 +345,10 @@ async fn killed_export_resumes_to_the_same_result() {
                 "testers-list=60/1s",
                 "--rate",
                 "account-list=180/1s",
-                "--out",
+                "--summary-json",
             ])
+            .arg(out_c.with_extension("json"))
+            .arg("--out")
             .arg(&out_c)
             .env("PREFINERY_BASE_URL", &base)
             .env("PREFINERY_API_KEY", common::KEY)
@@ -375,7 +377,11 @@ async fn killed_export_resumes_to_the_same_result() {
         "{}",
         String::from_utf8_lossy(&out2.stderr)
     );
-    assert!(String::from_utf8_lossy(&out2.stderr).contains("2500 records"));
+    // Quiet: no summary printed (issue 16); the summary JSON has it.
+    assert_eq!(String::from_utf8_lossy(&out2.stderr), "");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.with_extension("json")).unwrap()).unwrap();
+    assert_eq!(summary["rows"], 2500);
     assert_eq!(
         std::fs::read(&out).unwrap(),
         std::fs::read(&reference).unwrap()

@@ -828,3 +828,201 @@ async fn a_finished_import_run_again_sends_nothing_and_keeps_its_reports() {
     o.fresh = true;
     assert_eq!(f.run(&o).await.unwrap().unchanged, 2);
 }
+
+/// Sums a sandbox route's requests over every status.
+fn calls(s: &Sandbox, route: &str) -> u64 {
+    s.app.stats_json()["routes"]
+        .get(route)
+        .and_then(Value::as_object)
+        .map_or(0, |m| m.values().filter_map(Value::as_u64).sum())
+}
+
+/// Regression (issue 16, defect 2): `--mode create` on people who already
+/// exist cost one testers-list lookup (60 a minute) per row only to reject
+/// it. A row never in doubt that is answered "taken" is rejected at once.
+#[tokio::test]
+async fn create_mode_rejects_existing_people_without_a_lookup() {
+    let f = Fixture::new(SandboxConfig {
+        seed_testers: 100,
+        ..Default::default()
+    })
+    .await;
+    let mut text = String::from("email,first_name\n");
+    for i in 1..=100 {
+        text.push_str(&format!("User{i}@Example.com,N{i}\n"));
+    }
+    let input = f.file("in.csv", text.as_bytes());
+    let mut o = f.opts(&input);
+    o.mode = Mode::Create;
+    let s = f.run(&o).await.unwrap();
+    assert_eq!((s.created, s.rejected), (0, 100), "{s}");
+    assert_eq!(calls(&f.sandbox, "testers.list"), 0, "no lookup");
+    assert_eq!(calls(&f.sandbox, "testers.create"), 100);
+    let errors = f.csv("errors.csv");
+    assert_eq!(errors.len(), 101);
+    for (i, row) in errors[1..].iter().enumerate() {
+        assert_eq!(row[0], format!("User{}@Example.com", i + 1));
+        let message = &row[5];
+        assert!(
+            message.contains(&format!("user{}@example.com already exists", i + 1)),
+            "{message}"
+        );
+        assert_eq!(row[4], "422");
+    }
+    let results = f.csv("results.csv");
+    assert_eq!(results[1][1], "user1@example.com");
+    assert_eq!(results[1][2], "rejected");
+}
+
+/// The other side of defect 2: a create whose outcome was unknown (the
+/// sandbox applied it, then answered 5xx or dropped the connection) is
+/// still looked up, and found: created, not rejected.
+#[tokio::test]
+async fn create_mode_still_looks_up_a_create_with_an_unknown_outcome() {
+    let f = Fixture::new(SandboxConfig {
+        fail_after_write_rate: 1.0,
+        ..Default::default()
+    })
+    .await;
+    let input = f.file("in.csv", b"email\nfresh@x.io\n");
+    let mut o = f.opts(&input);
+    o.mode = Mode::Create;
+    let s = f.run(&o).await.unwrap();
+    assert_eq!((s.created, s.rejected), (1, 0), "{s}");
+    assert_eq!(calls(&f.sandbox, "testers.list"), 1, "one lookup");
+    assert_eq!(f.users().len(), 1);
+}
+
+/// Defect 2, the case the lookup is kept for: a create answered 500, whose
+/// first lookup comes too early to see it, is sent again and answered
+/// "taken". The row was in doubt, so the email is looked up again, and the
+/// user found is the first create's effect: created, not rejected.
+#[tokio::test]
+async fn create_mode_a_taken_email_after_an_unknown_outcome_is_the_rows_own_create() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, Respond, ResponseTemplate};
+
+    /// 500 (applied unseen), then 422 taken.
+    struct Creates(AtomicUsize);
+    impl Respond for Creates {
+        fn respond(&self, _: &wiremock::Request) -> ResponseTemplate {
+            if self.0.fetch_add(1, SeqCst) == 0 {
+                ResponseTemplate::new(500).set_body_json(
+                    serde_json::json!({"errors": [{"message": "A general error has occurred."}]}),
+                )
+            } else {
+                ResponseTemplate::new(422).set_body_json(
+                    serde_json::json!({"errors": [{"message": "Email has already been taken"}]}),
+                )
+            }
+        }
+    }
+    /// Nothing the first time (the listing lags), then the user.
+    struct Lookups(AtomicUsize);
+    impl Respond for Lookups {
+        fn respond(&self, _: &wiremock::Request) -> ResponseTemplate {
+            if self.0.fetch_add(1, SeqCst) == 0 {
+                ResponseTemplate::new(200).set_body_json(serde_json::json!([]))
+            } else {
+                ResponseTemplate::new(200)
+                    .set_body_json(serde_json::json!([{"id": 77, "email": "solo@x.io"}]))
+            }
+        }
+    }
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/v2/betas/a9b8c7de/testers.json"))
+        .respond_with(Creates(Default::default()))
+        .expect(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/api/v2/betas/a9b8c7de/testers.json"))
+        .respond_with(Lookups(Default::default()))
+        .expect(2)
+        .mount(&server)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("in.csv");
+    std::fs::write(&file, "email\nsolo@x.io\n").unwrap();
+    let mut o = ImportOptions::new("a9b8c7de", Source::File(file), dir.path().join("ck.sqlite"));
+    o.mode = Mode::Create;
+    o.results = Some(dir.path().join("results.csv"));
+    let client = common::client_for(&format!("{}/api/v2", server.uri()), common::KEY, &[]);
+    let s = import(&client, &o, Stop::default(), Arc::new(Silent))
+        .await
+        .unwrap();
+    assert_eq!((s.created, s.rejected), (1, 0), "{s}");
+    let results = std::fs::read_to_string(dir.path().join("results.csv")).unwrap();
+    assert!(results.contains("solo@x.io,created,77"), "{results}");
+}
+
+/// Regression (issue 16, defect 7): a dry run without --results printed
+/// "rejected N" and wrote nothing; a rejected row had an empty email in
+/// the results; an update did not say which fields would change. A dry
+/// run always writes its plan (beside the checkpoint by default), 0600,
+/// with every row's email and an update's changed fields; it sends no
+/// write.
+#[tokio::test]
+async fn a_dry_run_writes_its_plan_with_emails_and_changed_fields() {
+    let f = Fixture::new(SandboxConfig {
+        seed_testers: 3,
+        ..Default::default()
+    })
+    .await;
+    let old_name = f.user("user1@example.com")["profile"]["first_name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let input = f.file(
+        "in.csv",
+        b"first_name,E-mail\nChanged,user1@example.com\nNew,new@x.io\nBad,not-an-email\nDup,new@x.io\nRagged,ragged@x.io,extra\n",
+    );
+    let mut o = f.opts(&input);
+    o.dry_run = true;
+    o.results = None;
+    o.errors = None;
+    let s = f.run(&o).await.unwrap();
+    assert_eq!((s.created, s.updated, s.rejected), (1, 1, 3), "{s}");
+    let plan_path = f.dir.path().join("ck.dry-run.csv");
+    assert_eq!(
+        s.results_file.as_deref(),
+        Some(plan_path.display().to_string().as_str())
+    );
+    assert!(
+        s.to_string()
+            .contains(&format!("plan: {}", plan_path.display())),
+        "the summary names the plan: {s}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&plan_path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let plan = f.csv("ck.dry-run.csv");
+    assert_eq!(plan[0][..3], ["line", "email", "action"]);
+    assert_eq!(plan[1][1..3], ["user1@example.com", "updated"]);
+    assert!(
+        plan[1][5].contains(&format!("profile.first_name \"{old_name}\" -> \"Changed\"")),
+        "{:?}",
+        plan[1]
+    );
+    assert_eq!(plan[2][1..3], ["new@x.io", "created"]);
+    assert_eq!(plan[3][1..3], ["not-an-email", "rejected"], "{:?}", plan[3]);
+    assert_eq!(plan[4][1..3], ["new@x.io", "rejected"], "{:?}", plan[4]);
+    assert_eq!(plan[5][1..3], ["ragged@x.io", "rejected"], "{:?}", plan[5]);
+    assert!(!f.dir.path().join("ck.sqlite").exists(), "no checkpoint");
+    assert!(!f.dir.path().join("errors.csv").exists());
+    let stats = f.sandbox.app.stats_json();
+    for write in ["testers.create", "testers.update", "testers.delete"] {
+        assert!(stats["routes"].get(write).is_none(), "{stats:#}");
+    }
+    // An explicit --results still wins.
+    let mut o = f.opts(&input);
+    o.dry_run = true;
+    let s = f.run(&o).await.unwrap();
+    assert!(s.results_file.unwrap().ends_with("results.csv"));
+    assert_eq!(f.csv("results.csv")[3][1], "not-an-email");
+}

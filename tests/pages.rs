@@ -146,6 +146,13 @@ async fn run_case(c: Case) -> Result<(), TestCaseError> {
         case: c.clone(),
         ids: Mutex::new((start.clone(), false)),
     });
+    // The export names its project as the API shows it.
+    Mock::given(method("GET"))
+        .and(wiremock::matchers::path("/api/v2/betas/1.json"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"id": 1, "name": "Pages"})))
+        .with_priority(1)
+        .mount(&server)
+        .await;
     Mock::given(method("GET"))
         .respond_with(SharedServer(state.clone()))
         .mount(&server)

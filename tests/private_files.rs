@@ -180,10 +180,10 @@ async fn files_with_personal_data_are_0600_under_umask_000() {
         }
         assert_private(&left);
         assert_eq!(finish(prefsync(&base, d, export)).await, 0);
-        let mut done = vec![d.join(&name)];
-        if format != "sqlite" {
-            done.push(side(d, &name, ".prefsync.sqlite"));
-        }
-        assert_private(&done);
+        assert_private(&[d.join(&name)]);
+        // Finished: no lock, and a CSV or JSONL export's checkpoint is gone
+        // (only a resume needed it).
+        assert!(!lock.exists(), "{}", lock.display());
+        assert!(!side(d, &name, ".prefsync.sqlite").exists());
     }
 }

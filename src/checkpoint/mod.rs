@@ -319,6 +319,9 @@ pub struct RowResult {
     pub target_id: Option<i64>,
     pub class: Option<String>,
     pub message: Option<String>,
+    /// A rejected row's original cells (a JSON array of strings), for the
+    /// key of a row refused before it had one.
+    pub raw: Option<String>,
 }
 
 /// A row's final or in-flight state, as the engine reports it.
@@ -1323,7 +1326,7 @@ impl Checkpoint {
         mut f: impl FnMut(RowResult) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         let mut st = self.conn.prepare(
-            "SELECT rows.line, key, COALESCE(o.action, rows.action, state), COALESCE(o.target_id, rows.target_id), error_class, message \
+            "SELECT rows.line, key, COALESCE(o.action, rows.action, state), COALESCE(o.target_id, rows.target_id), error_class, message, raw \
              FROM rows LEFT JOIN outcomes o ON o.run_id = rows.run_id AND o.line = rows.line \
              WHERE rows.run_id = ?1 ORDER BY rows.line",
         )?;
@@ -1336,6 +1339,7 @@ impl Checkpoint {
                 target_id: r.get::<_, Option<i64>>(3)?.filter(|i| *i > 0),
                 class: r.get(4)?,
                 message: r.get(5)?,
+                raw: r.get(6)?,
             })?;
         }
         Ok(())

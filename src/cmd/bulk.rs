@@ -57,6 +57,11 @@ pub async fn run<O: Operation>(
     let opts = run_options(a, beta, options);
     let subs = Subscribers::standard(progress, a.excel_safe, opts.summary_json.as_deref());
     let (summary, _) = crate::engine::run(client, op, &opts, stop, subs).await?;
-    eprint!("{summary}");
+    crate::say::summary(summary.kind, &summary);
+    crate::say::unfinished(
+        summary.stopped,
+        summary.rejected,
+        summary.errors_file.as_deref(),
+    );
     Ok(exit_of(&summary))
 }

@@ -112,7 +112,8 @@ pub async fn run(
     let stop = Stop::default();
     super::import::install_ctrl_c(&stop);
     let summary = export(client, &opts, stop, progress).await?;
-    eprint!("{summary}");
+    crate::say::summary("export", &summary);
+    crate::say::unfinished(!summary.complete, 0, None);
     if let Some(p) = &a.summary_json {
         crate::output::write_json(p, &summary)?;
     }

@@ -76,6 +76,11 @@ pub async fn run(
     let mut opts = options(&a.import, beta);
     opts.mirror = a.mirror.clone();
     let summary = import(client, &opts, stop, progress).await?;
-    eprint!("{summary}");
+    crate::say::summary("import", &summary);
+    crate::say::unfinished(
+        summary.stopped,
+        summary.rejected,
+        summary.errors_file.as_deref(),
+    );
     Ok(exit_of(&summary))
 }

@@ -19,7 +19,15 @@ pub async fn run(
     super::import::install_ctrl_c(&stop);
     let opts = sync_options(a, beta);
     let summary = sync(client, &opts, stop, progress).await?;
-    eprint!("{summary}");
+    crate::say::summary("sync", &summary);
+    crate::say::unfinished(
+        summary.import.stopped,
+        summary.import.rejected,
+        summary.import.errors_file.as_deref(),
+    );
+    if let Some(d) = &summary.deleted {
+        crate::say::unfinished(d.stopped, d.rejected, d.errors_file.as_deref());
+    }
     Ok(
         if summary.import.stopped || summary.deleted.as_ref().is_some_and(|d| d.stopped) {
             Exit::Resumable
@@ -54,7 +62,7 @@ pub async fn plan(
     let stop = Stop::default();
     super::import::install_ctrl_c(&stop);
     let s = crate::sync::plan(client, &sync_options(&a.sync, beta), &a.out, stop, progress).await?;
-    eprint!("{s}");
+    crate::say::summary("plan", &s);
     Ok(Exit::Done)
 }
 
@@ -79,6 +87,7 @@ pub async fn apply(
         fresh: a.fresh,
     };
     let s = crate::sync::apply(client, &opts, stop, progress).await?;
-    eprint!("{s}");
+    crate::say::summary("apply", &s);
+    crate::say::unfinished(s.stopped, s.rejected, s.errors_file.as_deref());
     Ok(super::bulk::exit_of(&s))
 }

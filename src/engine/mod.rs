@@ -201,6 +201,14 @@ pub trait Operation: Send + Sync + Sized + 'static {
         "key"
     }
 
+    /// The input column the key is read from, once started, when it is not
+    /// simply the column named [`Operation::key_name`] (a mapped email
+    /// column): the results name a row rejected before it had a key by
+    /// that cell.
+    fn key_column(&self) -> Option<usize> {
+        None
+    }
+
     /// Whether sending a file again after a run finished it is harmless (an
     /// upsert finds everything unchanged). When not (points added twice), a
     /// finished file is not sent again: the run says so and does nothing,
@@ -475,8 +483,13 @@ impl std::fmt::Display for RunSummary {
                 "  rejected rows: {e} (fix them and feed the file back in)"
             )?;
         }
-        if let Some(r) = &self.results_file {
-            writeln!(f, "  results: {r}")?;
+        match &self.results_file {
+            Some(r) if self.dry_run => writeln!(
+                f,
+                "  plan: {r} (each row's email, what would be done and why, the fields an update would change)"
+            )?,
+            Some(r) => writeln!(f, "  results: {r}")?,
+            None => {}
         }
         if self.stopped {
             writeln!(
@@ -514,6 +527,17 @@ pub fn default_errors_path(checkpoint: &Path, run: i64) -> PathBuf {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "prefsync".into());
     checkpoint.with_file_name(format!("{stem}.run{run}.errors.csv"))
+}
+
+/// A dry run's plan when no `--results` is given: beside the checkpoint,
+/// named after it (`prefsync-checkpoint.sqlite` gives
+/// `prefsync-checkpoint.dry-run.csv`); each dry run replaces it.
+pub fn default_plan_path(checkpoint: &Path) -> PathBuf {
+    let stem = checkpoint
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "prefsync".into());
+    checkpoint.with_file_name(format!("{stem}.dry-run.csv"))
 }
 
 /// Rows planned per checkpoint transaction.
@@ -561,6 +585,12 @@ pub async fn run<O: Operation>(
         s => s.clone(),
     };
     let key = input_key(&opts.source);
+    // A dry run always writes its plan (what each row would do, and why):
+    // to --results, else beside the checkpoint.
+    let results_file = opts
+        .results
+        .clone()
+        .or_else(|| opts.dry_run.then(|| default_plan_path(&opts.checkpoint)));
     {
         let mut outputs: Vec<(&str, &Path)> = vec![];
         if !opts.dry_run {
@@ -568,7 +598,7 @@ pub async fn run<O: Operation>(
         }
         for (flag, p) in [
             ("--errors", &opts.errors),
-            ("--results", &opts.results),
+            ("--results", &results_file),
             ("--summary-json", &opts.summary_json),
         ] {
             if let Some(p) = p {
@@ -677,6 +707,7 @@ pub async fn run<O: Operation>(
                     run: done.id,
                     headers: &headers,
                     key_name: op.key_name(),
+                    key_column: op.key_column(),
                     errors: None,
                     results: None,
                 },
@@ -898,7 +929,7 @@ pub async fn run<O: Operation>(
         stopped,
         already_done_by: None,
         errors_file: errors_file.as_ref().map(|p| p.display().to_string()),
-        results_file: opts.results.as_ref().map(|p| p.display().to_string()),
+        results_file: results_file.as_ref().map(|p| p.display().to_string()),
         checkpoint: if opts.dry_run {
             "(none: dry run)".into()
         } else {
@@ -915,8 +946,9 @@ pub async fn run<O: Operation>(
         run,
         headers: &headers,
         key_name: op.key_name(),
+        key_column: op.key_column(),
         errors: errors_file.as_deref(),
-        results: opts.results.as_deref(),
+        results: results_file.as_deref(),
     };
     subscribers.send(&Event::Finished {
         summary: &summary,

@@ -32,6 +32,10 @@ pub struct RunRecords<'a> {
     pub headers: &'a [String],
     /// The results file's name for a row's key (`email`).
     pub key_name: &'a str,
+    /// The input column the key is read from, when the operation knows it
+    /// (else the column named `key_name`): a row rejected before it had a
+    /// key is still named in the results by that cell.
+    pub key_column: Option<usize>,
     /// Where the errors report goes, when there is one to write.
     pub errors: Option<&'a Path>,
     pub results: Option<&'a Path>,
@@ -108,10 +112,21 @@ fn write_results(r: &RunRecords<'_>, path: &Path) -> anyhow::Result<()> {
         "error_class",
         "message",
     ])?;
+    let key_column = r.key_column.or_else(|| {
+        r.headers
+            .iter()
+            .position(|h| h.trim().eq_ignore_ascii_case(r.key_name))
+    });
     r.checkpoint.each_result(r.run, |row| {
+        // A row refused before it had a key (a malformed email, a ragged
+        // row) is named by its key column's cell as the file has it.
+        let key = row.key.or_else(|| {
+            let cells: Vec<String> = serde_json::from_str(row.raw.as_deref()?).ok()?;
+            Some(cells.get(key_column?)?.trim().to_string())
+        });
         w.write_record([
             row.line.to_string(),
-            row.key.unwrap_or_default(),
+            key.unwrap_or_default(),
             row.action,
             row.target_id.map(|i| i.to_string()).unwrap_or_default(),
             row.class.unwrap_or_default(),

@@ -79,7 +79,12 @@ impl ExportOptions {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PartSummary {
+    /// The project's numeric id, as the API reports it (0 for the list of
+    /// projects itself).
     pub beta_id: i64,
+    /// Its UID and name, as the API reports them.
+    pub beta_uid: Option<String>,
+    pub beta_name: Option<String>,
     pub resource: Resource,
     pub rows: u64,
     pub pages: u64,
@@ -110,15 +115,31 @@ impl std::fmt::Display for ExportSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "export to {} ({:?}): {} records in {} pages",
+            "export to {} ({}): {} records in {} pages",
             self.out, self.format, self.rows, self.pages
         )?;
         for p in &self.parts {
+            let what = if p.resource == Resource::Betas {
+                "projects".to_string()
+            } else {
+                let known: Vec<&str> = [&p.beta_uid, &p.beta_name]
+                    .into_iter()
+                    .filter_map(|x| x.as_deref())
+                    .collect();
+                format!(
+                    "project {}{} {}",
+                    p.beta_id,
+                    if known.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", known.join(", "))
+                    },
+                    p.resource.name()
+                )
+            };
             writeln!(
                 f,
-                "  project {} {}: {} records{}{}{}{}",
-                p.beta_id,
-                p.resource.name(),
+                "  {what}: {} records{}{}{}{}",
                 p.rows,
                 if p.complete { "" } else { ", NOT complete" },
                 if p.consistent {
@@ -190,15 +211,12 @@ pub async fn export(
             projects.push(b);
         }
     } else {
+        // Every format names the project as the API does (its id, UID
+        // and name), in the summary and in the checkpoint.
         for b in &opts.betas {
-            let id = if opts.format == Format::Sqlite {
-                let beta = client.beta(b).await?;
-                let id = beta.id as i64;
-                projects.push(beta);
-                id
-            } else {
-                b.parse().unwrap_or(0)
-            };
+            let beta = client.beta(b).await?;
+            let id = beta.id as i64;
+            projects.push(beta);
             betas.push((id, b.clone()));
         }
     }
@@ -242,6 +260,9 @@ pub async fn export(
         rows: Default::default(),
         local_ns: Default::default(),
     });
+    // How each --beta given resolved, to name a project by its UID.
+    let all_ids: std::collections::HashMap<String, i64> =
+        betas.iter().map(|(id, b)| (b.clone(), *id)).collect();
     let mut jobs = Vec::new();
     for (beta_id, beta) in betas {
         jobs.push((beta_id, beta));
@@ -288,6 +309,22 @@ pub async fn export(
         parts.extend(r?);
     }
     sink.lock().unwrap().close()?;
+    for p in &mut parts {
+        if let Some(b) = projects.iter().find(|b| b.id as i64 == p.beta_id) {
+            // The UID when the API tells it, else as --beta gave it.
+            let given = opts
+                .betas
+                .iter()
+                .find(|g| **g != b.id.to_string() && all_ids.get(*g) == Some(&p.beta_id));
+            p.beta_uid = b
+                .extra
+                .get("uid")
+                .and_then(Value::as_str)
+                .or(given.map(String::as_str))
+                .map(str::to_string);
+            p.beta_name = b.name.clone();
+        }
+    }
     parts.sort_by_key(|p| (p.beta_id, p.resource.name()));
     let stats = client.stats();
     let complete = parts.iter().all(|p| p.complete) && !parts.is_empty();
@@ -364,6 +401,8 @@ async fn export_part(
     }
     let mut summary = PartSummary {
         beta_id: part.beta_id,
+        beta_uid: None,
+        beta_name: None,
         resource: part.resource,
         rows: rows_before,
         pages: first_page - 1,

@@ -71,6 +71,23 @@ pub enum Format {
     Sqlite,
 }
 
+impl Format {
+    /// As the user names it (`--format csv`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Csv => "csv",
+            Format::Jsonl => "jsonl",
+            Format::Sqlite => "sqlite",
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl std::str::FromStr for Format {
     type Err = String;
     fn from_str(s: &str) -> Result<Format, String> {
@@ -517,6 +534,9 @@ pub struct CsvOptions {
 /// the spool into the output and renames it into place.
 pub struct FileSink {
     out: PathBuf,
+    /// The checkpoint's path: removed once no export in it is left to
+    /// resume.
+    ck_path: PathBuf,
     spool_path: PathBuf,
     spool: Option<BufWriter<File>>,
     spool_len: u64,
@@ -573,6 +593,7 @@ impl FileSink {
         let spool_path = out.with_file_name(format!(".{name}.partial.jsonl"));
         Ok(FileSink {
             out: out.to_path_buf(),
+            ck_path: checkpoint.to_path_buf(),
             spool_path,
             spool: None,
             spool_len: 0,
@@ -584,11 +605,23 @@ impl FileSink {
     }
 
     fn format_name(&self) -> &'static str {
-        match self.format {
-            Format::Csv => "csv",
-            Format::Jsonl => "jsonl",
-            Format::Sqlite => "sqlite",
-        }
+        self.format.name()
+    }
+
+    /// Whether the checkpoint is needed no more: it holds only an export's
+    /// checkpoint tables, and no export in it is left to resume.
+    fn spent(&self) -> anyhow::Result<bool> {
+        let foreign: i64 = self.ck.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name NOT IN ('export_files', 'export_seen')",
+            [],
+            |r| r.get(0),
+        )?;
+        let open: i64 = self.ck.query_row(
+            "SELECT count(*) FROM export_files WHERE complete = 0",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(foreign == 0 && open == 0)
     }
 }
 
@@ -736,7 +769,30 @@ impl Sink for FileSink {
         Ok(0)
     }
 
+    /// A finished export's checkpoint is only a resume's: once no export
+    /// in it is left unfinished, it is removed (with its `-wal` and
+    /// `-shm`), so a finished nightly CSV leaves only the CSV.
     fn close(&mut self) -> anyhow::Result<()> {
+        if !self.spent()? {
+            return Ok(());
+        }
+        let ck = std::mem::replace(&mut self.ck, Connection::open_in_memory()?);
+        ck.close().map_err(|(_, e)| e)?;
+        let mut name = self.ck_path.as_os_str().to_owned();
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            name.push(suffix);
+            let p = PathBuf::from(&name);
+            match std::fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!(
+                        "failed to remove the finished checkpoint {}: {e}",
+                        p.display()
+                    );
+                }
+                _ => {}
+            }
+            name = self.ck_path.as_os_str().to_owned();
+        }
         Ok(())
     }
 }

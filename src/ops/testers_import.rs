@@ -83,6 +83,9 @@ pub struct TestersImport {
     /// this run's rows, as `referrer_id` on each create.
     pub link_referrers: bool,
     mapping: Option<Mapping>,
+    /// A dry run: an update's row keeps the fields it would change, for
+    /// the plan.
+    dry_run: bool,
     links: Option<Links>,
 }
 
@@ -130,6 +133,7 @@ impl TestersImport {
             link_referrers: false,
             mapping: None,
             links: None,
+            dry_run: false,
         }
     }
 
@@ -178,6 +182,13 @@ pub struct ImportRow {
     /// `--link-referrers`: the line of the row it names as its referrer,
     /// or the name no row has; and, once created, what became of it.
     referrer: Option<Box<ReferrerOf>>,
+    /// In a dry run, the fields an update would change, as the plan says
+    /// them.
+    would_change: Option<Box<str>>,
+    /// An earlier call for this row may have taken effect unseen (its
+    /// outcome was unknown, or it was in flight when a run stopped): an
+    /// email found taken may be this row's own create.
+    in_doubt: bool,
 }
 
 /// A row's referrer, for `--link-referrers`.
@@ -328,6 +339,8 @@ impl Operation for TestersImport {
             change: None,
             line: 0,
             referrer: None,
+            in_doubt: false,
+            would_change: None,
         };
         if let (Some(Resolve::Mirror), Some(m)) = (self.resolve, &self.mirror) {
             let known = m
@@ -375,6 +388,12 @@ impl Operation for TestersImport {
 
     fn key_name(&self) -> &'static str {
         "email"
+    }
+
+    /// The column the mapping reads the email from (a preset's `Email
+    /// Address`, a map's own name).
+    fn key_column(&self) -> Option<usize> {
+        self.mapping.as_ref().map(|m| m.email_column)
     }
 
     /// A sync is run again to converge again (the mirror tells what
@@ -448,7 +467,13 @@ impl Operation for TestersImport {
         }
     }
 
+    /// In a dry run, the fields an update would change (old and new
+    /// value), for the plan; with --link-referrers, what became of a
+    /// create's referrer; nothing otherwise (a note costs a write).
     fn done_note(&self, row: &ImportRow, action: &str) -> Option<String> {
+        if self.dry_run && action == "updated" {
+            return row.would_change.as_deref().map(str::to_string);
+        }
         if action != "created" {
             return None;
         }
@@ -495,6 +520,7 @@ impl Operation for TestersImport {
                 ids.len()
             );
         }
+        self.dry_run = p.dry_run;
         // A sync reads the mirror, which the caller made fresh.
         if self.resolve == Some(Resolve::Mirror) {
             return Ok(());
@@ -612,6 +638,7 @@ impl Operation for TestersImport {
     }
 
     async fn find_effect(&self, row: &mut ImportRow, doubt: Doubt) -> Result<Effect, ApiError> {
+        row.in_doubt = true;
         // This run listed the project after the stopped one died, so for a
         // row in flight then the listing answers as well as a lookup (and
         // costs no call). The mirror may be older than the stopped run's
@@ -668,6 +695,12 @@ impl Operation for TestersImport {
                         target: id,
                     },
                     Some(change) => {
+                        if self.dry_run {
+                            row.would_change = Some(Box::from(describe_changes(&field_changes(
+                                Some(&t),
+                                &change,
+                            ))));
+                        }
                         row.change = Some(Box::new((id, change)));
                         Decision::Send("update")
                     }
@@ -725,9 +758,36 @@ impl Operation for TestersImport {
                 messages,
                 ..
             }) if messages.mentions("taken") || messages.mentions("already exists") => {
-                // Someone else created it since it was resolved: update it.
+                // In --mode create, a row never in doubt is refused only
+                // because the person exists: rejected at once, without a
+                // lookup (a testers-list call, 60 a minute) that could not
+                // change its fate.
+                if self.mode == Mode::Create && !row.in_doubt {
+                    return Ok(Sent::Rejected {
+                        status: Some(422),
+                        message: format!(
+                            "{} already exists in the project (the API says the email is taken); --mode create does not update users",
+                            row.email_key
+                        ),
+                    });
+                }
                 match self.lookup(row.email()).await? {
-                    Some(t) if self.mode != Mode::Create => {
+                    // An earlier create of this row had an unknown outcome
+                    // (the lookup after it may have come too early): the
+                    // user there is its effect, as `find_effect` would say.
+                    Some(t) if self.mode == Mode::Create => {
+                        if let Some(m) = &self.mirror
+                            && let Err(e) = m.mirror.write_tester(m.beta_id, &t)
+                        {
+                            tracing::warn!("failed to write a user back to the mirror: {e:#}");
+                        }
+                        Ok(Sent::Done {
+                            action: "created",
+                            target: id_of(&t),
+                        })
+                    }
+                    // Someone else created it since it was resolved: update it.
+                    Some(t) => {
                         if row.defaulted {
                             row.input.status = None;
                             row.defaulted = false;
@@ -967,6 +1027,16 @@ pub fn field_changes(
         out.push((format!("response.{q}"), old, a.clone()));
     }
     out
+}
+
+/// Field changes as one line of text, for a dry run's plan:
+/// `would change profile.first_name "Ann" -> "Anne"; status "applied" -> "imported"`.
+pub fn describe_changes(changes: &[(String, String, String)]) -> String {
+    let parts: Vec<String> = changes
+        .iter()
+        .map(|(field, old, new)| format!("{field} {old:?} -> {new:?}"))
+        .collect();
+    format!("would change {}", parts.join("; "))
 }
 
 /// The fields of a plan back as what a create or an update sends.
