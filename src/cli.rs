@@ -122,8 +122,55 @@ It is never taken as a flag (it would show in `ps`), never put in a URL, and nev
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
+    #[command(flatten)]
+    pub leading: LeadingApiArgs,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// How to reach the API, for the subcommands that call it: the flags
+    /// after the subcommand's name, with those given before it.
+    pub fn api(&self) -> Option<ApiArgs> {
+        let mut api = self.command.api()?.clone();
+        let l = &self.leading;
+        if l.api_key_file.is_some() && api.api_key_file.is_none() {
+            api.api_key_file = l.api_key_file.clone();
+        }
+        if let Some(url) = &l.base_url {
+            api.base_url = url.clone();
+        }
+        if !l.betas.is_empty() {
+            // The subcommand's own holds PREFINERY_BETA when none was
+            // given after it: a flag given before it wins over that.
+            let from_env = std::env::var("PREFINERY_BETA").ok();
+            let after: Vec<String> =
+                if api.betas.len() == 1 && api.betas.first() == from_env.as_ref() {
+                    vec![]
+                } else {
+                    std::mem::take(&mut api.betas)
+                };
+            api.betas = l.betas.iter().cloned().chain(after).collect();
+        }
+        api.rates = l.rates.iter().cloned().chain(api.rates).collect();
+        Some(api)
+    }
+}
+
+/// The API flags given before the subcommand (`prefsync --beta 1 import
+/// testers ...`), as scripts written for earlier versions give them. Not
+/// shown in any help: each subcommand that calls the API lists them as its
+/// own (see [`ApiArgs`]); `Cli::api` merges the two.
+#[derive(Debug, Clone, Default, Args)]
+pub struct LeadingApiArgs {
+    #[arg(id = "leading_api_key_file", long = "api-key-file", hide = true)]
+    pub api_key_file: Option<PathBuf>,
+    #[arg(id = "leading_base_url", long = "base-url", hide = true)]
+    pub base_url: Option<String>,
+    #[arg(id = "leading_beta", long = "beta", hide = true)]
+    pub betas: Vec<String>,
+    #[arg(id = "leading_rate", long = "rate", hide = true)]
+    pub rates: Vec<RateOverride>,
 }
 
 /// What every subcommand takes: how much it logs, and how.
@@ -297,7 +344,7 @@ Examples:
     /// Print a shell completion script (from the same definitions as the flags).
     #[command(after_help = concat!(
         "Examples:
-  prefsync completions bash > ~/.local/share/bash-completion/completions/prefsync
+  prefsync completions bash > /etc/bash_completion.d/prefsync
   prefsync completions zsh > ~/.zfunc/_prefsync
   prefsync completions fish > ~/.config/fish/completions/prefsync.fish",
         exit_codes!(local)
@@ -467,7 +514,7 @@ again: at least once, a point may be given twice. A file already done is not sen
 --fresh.
 
 Examples:
-  printf 'email,quantity,reason\\nada@example.com,10,Conference\\n' > points.csv
+  printf 'email,quantity,reason\\nada@example.com,10,Talk\\n' > points.csv
   prefsync points add --beta 1 --file points.csv --dry-run
   prefsync points add --beta 1 --file points.csv",
     exit_codes!(run)
@@ -571,9 +618,9 @@ Unsubscribe also unsubscribes the user with that email: --dry-run counts those u
 An email suppressed already (error 2702) is `unchanged`, never rejected.
 
 Examples:
-  printf 'email,reason\\nann@example.com,Manual\\nbob@example.com,Unsubscribe\\n' > supp.csv
+  printf 'email,reason\\nann@example.com,Manual\\n' > supp.csv
   prefsync suppressions add --beta 12345 --file supp.csv --dry-run
-  prefsync suppressions add --beta 12345 --file supp.csv --results supp.results.csv",
+  prefsync suppressions add --beta 12345 --file supp.csv --results out.csv",
         exit_codes!(run)
     ))]
     Add(BulkArgs),
@@ -582,8 +629,8 @@ Examples:
 A suppression that is not there (removed already) is `unchanged`.
 
 Examples:
-  prefsync suppressions remove --beta 12345 --file unsuppress.csv --dry-run
-  prefsync suppressions remove --beta 12345 --file unsuppress.csv --results unsuppress.results.csv",
+  prefsync suppressions remove --beta 12345 --file unsup.csv --dry-run
+  prefsync suppressions remove --beta 12345 --file unsup.csv --results out.csv",
         exit_codes!(run)
     ))]
     Remove(BulkArgs),
@@ -607,7 +654,8 @@ A user who is not there (deleted already) is `unchanged`.
 
 Examples:
   prefsync testers delete --beta 12345 --file leavers.csv --dry-run
-  prefsync testers delete --beta 12345 --file leavers.csv --max-delete 500 --backup leavers.backup.csv",
+  prefsync testers delete --beta 12345 --file leavers.csv --max-delete 500 \\
+    --backup leavers.backup.csv",
         exit_codes!(run)
     ))]
     Delete(DeleteArgs),
@@ -619,7 +667,7 @@ again only if the user shows no new check-in. A finished file is not sent again 
 
 Examples:
   prefsync testers checkin --beta 12345 --file logins.csv --dry-run
-  prefsync testers checkin --beta 12345 --file logins.csv --results logins.results.csv",
+  prefsync testers checkin --beta 12345 --file logins.csv --results out.csv",
         exit_codes!(run)
     ))]
     Checkin(BulkArgs),
@@ -657,7 +705,8 @@ pub enum PlanWhat {
 Review the plan in a spreadsheet; do not save it back: apply refuses an edited plan.
 
 Examples:
-  prefsync plan testers --beta 1 --file waitlist.csv --mirror project.sqlite --out plan.csv
+  prefsync plan testers --beta 1 --file waitlist.csv --mirror project.sqlite \\
+    --out plan.csv
   prefsync apply plan.csv",
         exit_codes!(run)
     ))]
@@ -746,7 +795,8 @@ changed, and what the API returns is written back. A suppressed email is never c
 unsubscribed user's status is never sent.
 
 Examples:
-  prefsync sync testers --beta 1 --file waitlist.csv --mirror project.sqlite --max-age 12h
+  prefsync sync testers --beta 1 --file waitlist.csv --mirror project.sqlite \\
+    --max-age 12h
   prefsync sync testers --beta 1 --file waitlist.csv --mirror project.sqlite \\
     --delete-missing --max-delete 2% --backup removed.csv",
     exit_codes!(run)
@@ -797,7 +847,8 @@ pub enum PresetWhat {
     #[command(after_help = concat!(
         "Examples:
   prefsync preset show mailchimp > map.toml
-  prefsync import testers --beta 1 --file members.csv --preset mailchimp --map map.toml",
+  prefsync import testers --beta 1 --file members.csv --preset mailchimp \\
+    --map map.toml",
         exit_codes!(local)
     ))]
     Show {
@@ -889,9 +940,10 @@ pub enum ImportWhat {
 stopped when the same command is run again, and a file already done is not sent again.
 
 Examples:
-  prefsync import testers --beta 1 --file waitlist.csv --dry-run --results plan.csv
+  prefsync import testers --beta 1 --file waitlist.csv --dry-run
   prefsync import testers --beta 1 --file waitlist.csv --map samples/map.toml
-  prefsync import testers --beta 1 --file members.csv --preset mailchimp --max-duration 2h",
+  prefsync import testers --beta 1 --file members.csv --preset mailchimp \\
+    --max-duration 2h",
         exit_codes!(run)
     ))]
     Testers(ImportTestersArgs),

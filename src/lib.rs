@@ -31,8 +31,8 @@ pub use exit::Exit;
 
 /// Runs one command to its end and says how it ended.
 pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
-    let conn = match cli.command.api() {
-        Some(a) => Some(config::Connection::from_args(a)?),
+    let conn = match cli.api() {
+        Some(a) => Some(config::Connection::from_args(&a)?),
         None => None,
     };
     let result = run_command(&cli, conn.as_ref()).await;
@@ -142,10 +142,17 @@ async fn run_command(cli: &Cli, conn: Option<&config::Connection>) -> anyhow::Re
 async fn check(a: &cli::CheckArgs, conn: &config::Connection) -> anyhow::Result<Exit> {
     let beta = conn.require_beta()?.to_string();
     let report = cmd::check::check(&conn.client(), &beta).await;
+    // A project refused with 403 reads as a key without Projects > Read;
+    // the key's list of projects tells whether it is the project instead.
+    if report.works()
+        && report.project.is_none()
+        && report.grant("Projects > Read") == Some(&cmd::check::Grant::Missing)
+        && let Some(e) = project_not_visible(conn, 403).await
+    {
+        return Err(e);
+    }
     let text = match a.output {
-        cli::OutputFormat::Json => {
-            serde_json::to_string_pretty(&report.to_json(a.for_job))? + "\n"
-        }
+        cli::OutputFormat::Json => serde_json::to_string_pretty(&report.to_json(a.for_job))? + "\n",
         cli::OutputFormat::Text => {
             let mut t = report.to_string();
             if let Some(job) = a.for_job {
@@ -201,19 +208,23 @@ async fn check(a: &cli::CheckArgs, conn: &config::Connection) -> anyhow::Result<
 /// the key lists projects and this one is not among them, it is the
 /// project that is wrong (exit 2), not the key.
 async fn explain_refused_project(conn: &config::Connection, e: anyhow::Error) -> anyhow::Error {
-    let [beta] = conn.betas.as_slice() else {
-        return e;
-    };
     let refused = e.chain().find_map(|c| c.downcast_ref::<api::ApiError>());
     let status = match refused {
         Some(api::ApiError::Unauthorized { .. }) => 401,
         Some(api::ApiError::Forbidden { op, .. }) if *op == api::Op::BetaShow.describe() => 403,
         _ => return e,
     };
-    let Ok(visible) = conn.client().betas().await else {
-        // The key is refused for the list too: it is the key.
-        return e;
+    project_not_visible(conn, status).await.unwrap_or(e)
+}
+
+/// The error for a project the API refused with `status` when the key
+/// lists other projects and not this one; `None` when the key cannot list
+/// projects either, or lists this one (then the refusal is the key's).
+async fn project_not_visible(conn: &config::Connection, status: u16) -> Option<anyhow::Error> {
+    let [beta] = conn.betas.as_slice() else {
+        return None;
     };
+    let visible = conn.client().betas().await.ok()?;
     let uid = |b: &api::Beta| {
         b.extra
             .get("uid")
@@ -224,14 +235,14 @@ async fn explain_refused_project(conn: &config::Connection, e: anyhow::Error) ->
         .iter()
         .any(|b| b.id.to_string() == *beta || uid(b).as_deref() == Some(beta.as_str()))
     {
-        return e;
+        return None;
     }
     let names: Vec<String> = visible
         .iter()
         .take(5)
         .map(|b| format!("{} {}", b.id, b.name.as_deref().unwrap_or("(no name)")))
         .collect();
-    exit::usage(format!(
+    Some(exit::usage(format!(
         "project {beta:?} was not found, or is not visible to this key: the API refused it (HTTP {status}), \
          yet the same key lists {} other project(s){}. hint: check --beta (the numeric API Beta ID or the \
          project UID, under the project's Settings > General); `prefsync betas` lists the projects this key sees",
@@ -241,9 +252,8 @@ async fn explain_refused_project(conn: &config::Connection, e: anyhow::Error) ->
         } else {
             format!(": {}", names.join(", "))
         }
-    ))
+    )))
 }
-
 /// A bar on a terminal, a log line every few seconds otherwise, nothing
 /// with `--quiet`.
 pub fn progress_for(g: &cli::GlobalArgs) -> std::sync::Arc<dyn engine::Subscriber> {

@@ -241,7 +241,11 @@ mod excel_tests {
             "-2+3",
             "\t1",
         ] {
-            assert_eq!(excel_safe(formula.into()), format!("'{formula}"), "{formula}");
+            assert_eq!(
+                excel_safe(formula.into()),
+                format!("'{formula}"),
+                "{formula}"
+            );
         }
         assert_eq!(excel_safe("Ada".into()), "Ada");
     }

@@ -43,8 +43,7 @@ fn write_pages(cmd: &clap::Command, dir: &Path) -> anyhow::Result<usize> {
     let path = dir.join(format!("{name}.1"));
     let mut buf = Vec::new();
     clap_mangen::Man::new(cmd.clone()).render(&mut buf)?;
-    std::fs::write(&path, &buf)
-        .with_context(|| format!("failed to write {}", path.display()))?;
+    std::fs::write(&path, &buf).with_context(|| format!("failed to write {}", path.display()))?;
     let mut n = 1;
     for sub in cmd.get_subcommands() {
         if sub.get_name() != "help" {

@@ -164,7 +164,10 @@ mod format_tests {
     fn a_format_that_contradicts_the_extension_is_refused() {
         let err = format_for(Some(Format::Jsonl), Path::new("users.csv")).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("--format jsonl") && msg.contains(".csv"), "{msg}");
+        assert!(
+            msg.contains("--format jsonl") && msg.contains(".csv"),
+            "{msg}"
+        );
         assert_eq!(crate::exit::exit_for(&err).code(), 2);
         assert!(format_for(Some(Format::Sqlite), Path::new("users.CSV")).is_err());
         // Agreeing, guessed, or an extension that names nothing.

@@ -64,12 +64,8 @@ pub fn run(a: &RunsArgs) -> anyhow::Result<Exit> {
 /// Opens `path` read-only after checking that it is a SQLite database at
 /// all: SQLite would otherwise say only "file is not a database".
 pub fn open_read_only(path: &Path) -> anyhow::Result<Connection> {
-    let meta = std::fs::metadata(path).map_err(|e| {
-        usage(format!(
-            "no checkpoint at {}: {e}. {HINT}",
-            path.display()
-        ))
-    })?;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| usage(format!("no checkpoint at {}: {e}. {HINT}", path.display())))?;
     if meta.is_dir() {
         return Err(usage(format!(
             "{} is a folder, not a checkpoint. {HINT}",
@@ -125,7 +121,8 @@ fn open_sqlite_read_only(path: &Path) -> anyhow::Result<Connection> {
 
 /// Tells the file by its tables.
 pub fn kind_of(conn: &Connection, path: &Path) -> anyhow::Result<FileKind> {
-    let mut st = conn.prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")?;
+    let mut st =
+        conn.prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")?;
     let tables: Vec<String> = st
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()
@@ -249,7 +246,12 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn write_text(out: &mut impl Write, kind: FileKind, path: &Path, doc: &Value) -> anyhow::Result<()> {
+fn write_text(
+    out: &mut impl Write,
+    kind: FileKind,
+    path: &Path,
+    doc: &Value,
+) -> anyhow::Result<()> {
     let runs = doc["runs"].as_array().map(Vec::as_slice).unwrap_or(&[]);
     match kind {
         FileKind::Checkpoint => {

@@ -839,7 +839,10 @@ mod tests {
     fn formula_cells_are_neutralised() {
         assert_eq!(excel_safe("=HYPERLINK(\"x\")".into()), "'=HYPERLINK(\"x\")");
         assert_eq!(excel_safe("+SUM(A1:A9)".into()), "'+SUM(A1:A9)");
-        assert_eq!(excel_safe("-2+3+cmd|' /C calc'!A0".into()), "'-2+3+cmd|' /C calc'!A0");
+        assert_eq!(
+            excel_safe("-2+3+cmd|' /C calc'!A0".into()),
+            "'-2+3+cmd|' /C calc'!A0"
+        );
         assert_eq!(excel_safe("@SUM(A1)".into()), "'@SUM(A1)");
         assert_eq!(excel_safe("\tx".into()), "'\tx");
         assert_eq!(excel_safe("Ada".into()), "Ada");

@@ -1315,22 +1315,28 @@ mod tests {
     /// it "names no field", without the fields there are.
     #[test]
     fn a_target_typo_lists_the_fields_and_the_closest() {
-        let err = with_map(
-            &["Email", "Phone"],
-            "[columns]\n\"Phone\" = \"telephon\"\n",
-        )
-        .unwrap_err()
-        .to_string();
+        let err = with_map(&["Email", "Phone"], "[columns]\n\"Phone\" = \"telephon\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("\"telephon\", which names no field"), "{err}");
         assert!(err.contains("did you mean \"telephone\"?"), "{err}");
-        for field in ["email", "status", "first_name", "custom_var3", "profile.KEY"] {
+        for field in [
+            "email",
+            "status",
+            "first_name",
+            "custom_var3",
+            "profile.KEY",
+        ] {
             assert!(err.contains(field), "{field}: {err}");
         }
         // A name near nothing gets the list without a guess.
         let err = with_map(&["Email", "X"], "[columns]\n\"X\" = \"zzzzzzzzzzzz\"\n")
             .unwrap_err()
             .to_string();
-        assert!(!err.contains("did you mean") && err.contains("telephone"), "{err}");
+        assert!(
+            !err.contains("did you mean") && err.contains("telephone"),
+            "{err}"
+        );
     }
 
     #[test]
