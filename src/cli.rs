@@ -74,25 +74,150 @@ impl From<ResolveArg> for Resolve {
     }
 }
 
+/// The exit codes a subcommand's help ends with, by the kind of
+/// subcommand. A macro so that `concat!` takes them into each
+/// `after_help` at compile time; the numbers are [`crate::exit::Exit`]'s.
+macro_rules! exit_codes {
+    (run) => {
+        "\n\nExit codes:
+  0  done
+  1  internal error
+  2  usage or configuration error: a bad flag or file, no key, an unknown project
+  3  the key was refused, or it lacks a permission the job needs
+  4  finished, but some rows were rejected (see the errors report)
+  5  stopped before the end (--max-duration, Ctrl-C, API unavailable): run it again to resume
+  6  another run holds the lock
+  7  the API could not be reached"
+    };
+    (export) => {
+        "\n\nExit codes:
+  0  done
+  1  internal error
+  2  usage or configuration error: a bad flag, no key, an unknown project
+  3  the key was refused, or it lacks a permission the export needs
+  5  stopped before the end (--max-duration, Ctrl-C, API unavailable): run it again to resume
+  6  another run holds the lock
+  7  the API could not be reached"
+    };
+    (check) => {
+        "\n\nExit codes:
+  0  the key works for the project (and has every permission --for names)
+  1  internal error
+  2  usage or configuration error: a bad flag, no key, an unknown project
+  3  the key was refused, or it lacks a permission --for needs
+  7  the API could not be reached"
+    };
+    (read) => {
+        "\n\nExit codes:
+  0  done
+  1  internal error
+  2  usage or configuration error: a bad flag, no key
+  3  the key was refused, or it lacks Projects > Read
+  7  the API could not be reached"
+    };
+    (local) => {
+        "\n\nExit codes:
+  0  done
+  1  internal error
+  2  usage error: a bad flag or file"
+    };
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "prefsync",
     version,
     about = "Bulk import, export and sync for Prefinery waitlists",
     long_about = "Bulk import, export and sync for Prefinery waitlists, through the REST API v2.\n\n\
-The API key comes from PREFINERY_API_KEY or --api-key-file; it is never taken as a flag \
-(it would show in `ps`), never put in a URL, and never printed."
+The API key comes from PREFINERY_API_KEY, --api-key-file or PREFINERY_API_KEY_FILE (the first of \
+these that is set wins, in this order: --api-key-file, PREFINERY_API_KEY_FILE, PREFINERY_API_KEY). \
+It is never taken as a flag (it would show in `ps`), never put in a URL, and never printed.",
+    after_help = concat!(
+        "Examples:
+  prefsync demo
+  prefsync check --beta 12345 --for import
+  prefsync import testers --beta 12345 --file waitlist.csv",
+        exit_codes!(run)
+    )
 )]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
+    #[command(flatten)]
+    pub leading: LeadingApiArgs,
     #[command(subcommand)]
     pub command: Command,
 }
 
+impl Cli {
+    /// How to reach the API, for the subcommands that call it: the flags
+    /// after the subcommand's name, with those given before it.
+    pub fn api(&self) -> Option<ApiArgs> {
+        let mut api = self.command.api()?.clone();
+        let l = &self.leading;
+        if l.api_key_file.is_some() && api.api_key_file.is_none() {
+            api.api_key_file = l.api_key_file.clone();
+        }
+        if let Some(url) = &l.base_url {
+            api.base_url = url.clone();
+        }
+        if !l.betas.is_empty() {
+            // The subcommand's own holds PREFINERY_BETA when none was
+            // given after it: a flag given before it wins over that.
+            let from_env = std::env::var("PREFINERY_BETA").ok();
+            let after: Vec<String> =
+                if api.betas.len() == 1 && api.betas.first() == from_env.as_ref() {
+                    vec![]
+                } else {
+                    std::mem::take(&mut api.betas)
+                };
+            api.betas = l.betas.iter().cloned().chain(after).collect();
+        }
+        api.rates = l.rates.iter().cloned().chain(api.rates).collect();
+        Some(api)
+    }
+}
+
+/// The API flags given before the subcommand (`prefsync --beta 1 import
+/// testers ...`), as scripts written for earlier versions give them. Not
+/// shown in any help: each subcommand that calls the API lists them as its
+/// own (see [`ApiArgs`]); `Cli::api` merges the two.
+#[derive(Debug, Clone, Default, Args)]
+pub struct LeadingApiArgs {
+    #[arg(id = "leading_api_key_file", long = "api-key-file", hide = true)]
+    pub api_key_file: Option<PathBuf>,
+    #[arg(id = "leading_base_url", long = "base-url", hide = true)]
+    pub base_url: Option<String>,
+    #[arg(id = "leading_beta", long = "beta", hide = true)]
+    pub betas: Vec<String>,
+    #[arg(id = "leading_rate", long = "rate", hide = true)]
+    pub rates: Vec<RateOverride>,
+}
+
+/// What every subcommand takes: how much it logs, and how.
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
-    /// Read the API key from the first line of this file (instead of PREFINERY_API_KEY).
+    /// More logging (-v debug, -vv trace) [default: info].
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Only errors; no progress.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How to reach the API and which project: only the subcommands that call
+/// the API take these (flattened into each; `global` so that a group's
+/// subcommands, `import testers`, take them after their own name).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Connection")]
+pub struct ApiArgs {
+    /// Read the API key from the first line of this file [default: $PREFINERY_API_KEY_FILE, else
+    /// the key in $PREFINERY_API_KEY].
     #[arg(long, global = true, value_name = "PATH")]
     pub api_key_file: Option<PathBuf>,
 
@@ -106,7 +231,8 @@ pub struct GlobalArgs {
     )]
     pub base_url: String,
 
-    /// The project: its numeric API Beta ID or its project UID (Settings > General). Repeatable for export.
+    /// The project: its numeric API Beta ID or its project UID (Settings > General). Repeatable
+    /// for export [default: $PREFINERY_BETA].
     #[arg(
         long = "beta",
         global = true,
@@ -115,21 +241,10 @@ pub struct GlobalArgs {
     )]
     pub betas: Vec<String>,
 
-    /// Override a rate quota, e.g. testers-list=60/1m, betas=90/15m, writes=20/1s. Repeatable.
+    /// Override a rate quota, e.g. testers-list=60/1m, betas=90/15m, writes=20/1s. Repeatable
+    /// [default: the documented quotas].
     #[arg(long = "rate", global = true, value_name = "CLASS=N/PERIOD")]
     pub rates: Vec<RateOverride>,
-
-    /// More logging (-v debug, -vv trace).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
-    pub verbose: u8,
-
-    /// Only errors; no progress.
-    #[arg(short, long, global = true)]
-    pub quiet: bool,
-
-    /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -138,21 +253,87 @@ pub enum LogFormat {
     Json,
 }
 
+/// `--output` of the commands that print a listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// A table for people.
+    Text,
+    /// One JSON document on stdout, for scripts (keys in the README).
+    Json,
+}
+
+/// A job `check --for` knows the permissions of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Job {
+    /// import testers.
+    Import,
+    /// export testers.
+    Export,
+    /// sync testers (plan and apply too).
+    Sync,
+    /// points add.
+    Points,
+    /// rewards issue, deliver and revoke.
+    Rewards,
+    /// suppressions add and remove.
+    Suppressions,
+    /// testers delete.
+    Delete,
+    /// testers checkin.
+    Checkin,
+    /// listen (the webhook listener re-reads users, rewards and points).
+    Listen,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Verify the key and the project, and list which permissions the key has.
-    Check,
+    Check(CheckArgs),
     /// List the company's projects.
-    Betas,
+    Betas(BetasArgs),
     /// Run a Prefinery-compatible sandbox server for rehearsals and tests.
+    #[command(after_help = concat!(
+        "Examples:
+  prefsync sandbox --port 8787 --seed-testers 100
+  prefsync sandbox --port 0 --port-file port --rate-scale 0",
+        exit_codes!(local)
+    ))]
     Sandbox(SandboxArgs),
     /// Run the whole job on an embedded sandbox: no key, no network needed.
+    #[command(after_help = concat!(
+        "Examples:
+  prefsync demo
+  prefsync demo --dir /tmp/prefsync-demo",
+        exit_codes!(local)
+    ))]
     Demo(DemoArgs),
     /// Import users from a CSV file (create and update, resumable).
     Import(ImportCmd),
-    /// List the runs a checkpoint holds and their state.
+    /// List the runs a checkpoint holds and their state (opens the file read-only).
+    #[command(after_help = concat!(
+        "The file is opened read-only and never changed. A file that is not a checkpoint is named \
+for what it is: an export or mirror (its export runs are listed), an export's checkpoint, \
+another SQLite database, or not SQLite at all (exit 2). A run stopped before its input was read \
+to the end shows its rows as N+ (more may follow).
+
+Examples:
+  prefsync runs
+  prefsync runs --checkpoint nightly.sqlite --output json
+  prefsync runs --checkpoint project.sqlite",
+        exit_codes!(local)
+    ))]
     Runs(RunsArgs),
     /// Export users, rewards, suppressions, points or projects (resumable).
+    #[command(after_help = concat!(
+        "The format is guessed from the --out extension; an explicit --format that contradicts a \
+known extension (--format jsonl --out users.csv) is refused.
+
+Examples:
+  prefsync export testers --beta 12345 --out users.csv
+  prefsync export testers --beta 12345 --out project.sqlite --max-duration 50m
+  prefsync export all --all-betas --out company.sqlite",
+        exit_codes!(export)
+    ))]
     Export(ExportArgs),
     /// The compiled-in mappings for other tools' exports (--preset).
     Preset(PresetCmd),
@@ -161,7 +342,17 @@ pub enum Command {
     /// Write what a sync would do, one line per field change, for review; sends nothing.
     Plan(PlanCmd),
     /// Do exactly a plan written by `plan`: each update or delete checked for drift first.
-    #[command(after_help = APPLY_HELP)]
+    #[command(after_help = concat!(
+        "Before each update or delete the user is read (a show call, not the 60-a-minute list): a \
+user changed since the plan is not touched and is reported as drift, with what changed. \
+--on-drift skip (the default) goes on with the rest; stop stops there (resumable). A run with \
+any drift exits 4 (or 5 when stopped), never 0.
+
+Examples:
+  prefsync apply plan.csv --results applied.csv
+  prefsync apply plan.csv --on-drift stop --max-duration 1h",
+        exit_codes!(run)
+    ))]
     Apply(ApplyArgs),
     /// Bulk: add points to users from a CSV (email, quantity, reason). Exactly once, resumable.
     Points(PointsCmd),
@@ -171,6 +362,102 @@ pub enum Command {
     Suppressions(SuppressionsCmd),
     /// Bulk: delete or check in users from a CSV (resumable).
     Testers(TestersCmd),
+    /// Print a shell completion script (from the same definitions as the flags).
+    #[command(after_help = concat!(
+        "Examples:
+  prefsync completions bash > /etc/bash_completion.d/prefsync
+  prefsync completions zsh > ~/.zfunc/_prefsync
+  prefsync completions fish > ~/.config/fish/completions/prefsync.fish",
+        exit_codes!(local)
+    ))]
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), or write one page per subcommand with --out.
+    #[command(after_help = concat!(
+        "Examples:
+  prefsync man | man -l -
+  prefsync man --out /usr/local/share/man/man1",
+        exit_codes!(local)
+    ))]
+    Man(ManArgs),
+}
+
+impl Command {
+    /// How to reach the API, for the subcommands that call it.
+    pub fn api(&self) -> Option<&ApiArgs> {
+        match self {
+            Command::Check(a) => Some(&a.api),
+            Command::Betas(a) => Some(&a.api),
+            Command::Import(a) => Some(&a.api),
+            Command::Export(a) => Some(&a.api),
+            Command::Sync(a) => Some(&a.api),
+            Command::Plan(a) => Some(&a.api),
+            Command::Apply(a) => Some(&a.api),
+            Command::Points(a) => Some(&a.api),
+            Command::Rewards(a) => Some(&a.api),
+            Command::Suppressions(a) => Some(&a.api),
+            Command::Testers(a) => Some(&a.api),
+            Command::Sandbox(_)
+            | Command::Demo(_)
+            | Command::Runs(_)
+            | Command::Preset(_)
+            | Command::Completions(_)
+            | Command::Man(_) => None,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = concat!(
+    "Changes nothing: write permissions are probed with bodies the API refuses as invalid (403 \
+means missing, a validation answer means granted). With --for JOB only what that job needs \
+counts: a permission it needs that is missing exits 3, naming it, so a cron job can check first.
+
+Examples:
+  prefsync check --beta 12345
+  prefsync check --beta 12345 --for import
+  prefsync check --beta 12345 --for export --output json",
+    exit_codes!(check)
+))]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// Say whether the key has every permission this job needs; exit 3 when not [default: every
+    /// permission is listed, none is required].
+    #[arg(long = "for", value_enum, value_name = "JOB")]
+    pub for_job: Option<Job>,
+    /// text for people, json for scripts.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = concat!(
+    "Examples:
+  prefsync betas
+  prefsync betas --output json",
+    exit_codes!(read)
+))]
+pub struct BetasArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// text for people, json for scripts.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write prefsync.1 and one page per subcommand (prefsync-import-testers.1, ...) into this
+    /// folder [default: print prefsync.1 on stdout].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
 }
 
 /// The flags every bulk operation takes (points, rewards, suppressions,
@@ -181,7 +468,8 @@ pub struct BulkArgs {
     /// The CSV file (a header row is required); - reads standard input (no resume then).
     #[arg(long, value_name = "PATH")]
     pub file: String,
-    /// Column renames (TOML, `[columns] "Header in the file" = "email"`).
+    /// Column renames (TOML, `[columns] "Header in the file" = "email"`) [default: the file's
+    /// headers as they are].
     #[arg(long, value_name = "FILE")]
     pub map: Option<PathBuf>,
     /// Read what is needed, write nothing; print the counts and write the plan with --results.
@@ -197,25 +485,25 @@ pub struct BulkArgs {
         value_name = "PATH"
     )]
     pub checkpoint: PathBuf,
-    /// The rejected-rows report (default: beside the checkpoint).
+    /// The rejected-rows report [default: beside the checkpoint, named after the run].
     #[arg(long, value_name = "PATH")]
     pub errors: Option<PathBuf>,
-    /// One line per input line: line, key, action, Prefinery id.
+    /// One line per input line: line, key, action, Prefinery id [default: off].
     #[arg(long, value_name = "PATH")]
     pub results: Option<PathBuf>,
-    /// Write the final summary as JSON here.
+    /// Write the final summary as JSON here [default: off].
     #[arg(long, value_name = "PATH")]
     pub summary_json: Option<PathBuf>,
     /// Start over instead of resuming; after a finished run, send the file again.
     #[arg(long)]
     pub fresh: bool,
-    /// Stop cleanly (resumable, exit 5) after this long, e.g. 30m, 2h.
+    /// Stop cleanly (resumable, exit 5) after this long, e.g. 30m, 2h [default: no limit].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub max_duration: Option<Duration>,
-    /// Input encoding (detected by default): utf-8 or windows-1252 (latin-1).
+    /// Input encoding: utf-8 or windows-1252 (latin-1) [default: detected].
     #[arg(long)]
     pub encoding: Option<Encoding>,
-    /// Field delimiter (detected by default): , ; or tab (\t).
+    /// Field delimiter: , ; or tab (\t) [default: detected].
     #[arg(long, value_parser = parse_delimiter)]
     pub delimiter: Option<char>,
     /// In the rejected-rows report, put a ' before cells that Excel would run as formulas.
@@ -225,6 +513,8 @@ pub struct BulkArgs {
 
 #[derive(Debug, Args)]
 pub struct PointsCmd {
+    #[command(flatten)]
+    pub api: ApiArgs,
     #[command(subcommand)]
     pub what: PointsWhat,
 }
@@ -236,18 +526,20 @@ pub enum PointsWhat {
     Add(PointsAddArgs),
 }
 
-const POINTS_ADD_HELP: &str = "\
-Exactly once: each point's reason ends with a marker, [ps:RUN:LINE] (this run's token and the \
+const POINTS_ADD_HELP: &str = concat!(
+    "Exactly once: each point's reason ends with a marker, [ps:RUN:LINE] (this run's token and the \
 row's line), shown on the user's profile. When an answer is lost or the run is killed with calls \
 in flight, the user's points are listed (points-list quota, 60 a minute) and the marker tells \
 whether the point was given. With --no-marker the reason is sent as it is and such a row is sent \
 again: at least once, a point may be given twice. A file already done is not sent again unless \
 --fresh.
 
-Example:
-  printf 'email,quantity,reason\\nada@example.com,10,Conference\\n' > points.csv
+Examples:
+  printf 'email,quantity,reason\\nada@example.com,10,Talk\\n' > points.csv
   prefsync points add --beta 1 --file points.csv --dry-run
-  prefsync points add --beta 1 --file points.csv";
+  prefsync points add --beta 1 --file points.csv",
+    exit_codes!(run)
+);
 
 #[derive(Debug, Args)]
 pub struct PointsAddArgs {
@@ -261,6 +553,8 @@ pub struct PointsAddArgs {
 
 #[derive(Debug, Args)]
 pub struct RewardsCmd {
+    #[command(flatten)]
+    pub api: ApiArgs,
     #[command(subcommand)]
     pub what: RewardsWhat,
 }
@@ -278,32 +572,41 @@ pub enum RewardsWhat {
     Revoke(RewardsChangeArgs),
 }
 
-const REWARDS_ISSUE_HELP: &str = "\
-A user who already holds the reward (earned or delivered) is left unchanged, unless --again. \
+const REWARDS_ISSUE_HELP: &str = concat!(
+    "A user who already holds the reward (earned or delivered) is left unchanged, unless --again. \
 Exactly once: before each create the user's rewards with that descriptor are listed and their \
 ids kept in the checkpoint; when an answer is lost or the run is killed with calls in flight, \
 they are listed again and a new one is this row's. Costs a rewards-list call a row (60 a minute).
 
-Example:
+Examples:
   printf 'email,descriptor\\nada@example.com,early-access\\n' > issue.csv
-  prefsync rewards issue --beta 1 --file issue.csv";
+  prefsync rewards issue --beta 1 --file issue.csv --dry-run
+  prefsync rewards issue --beta 1 --file issue.csv",
+    exit_codes!(run)
+);
 
-const REWARDS_DELIVER_HELP: &str = "\
-A reward already delivered is left unchanged; a revoked one is rejected. A row names the reward by \
+const REWARDS_DELIVER_HELP: &str = concat!(
+    "A reward already delivered is left unchanged; a revoked one is rejected. A row names the reward by \
 reward_id, or by email and descriptor (the user's one reward with that descriptor; several are \
 rejected, naming their ids).
 
-Example:
+Examples:
   printf 'reward_id\\n1234\\n' > deliver.csv
-  prefsync rewards deliver --beta 1 --file deliver.csv";
+  prefsync rewards deliver --beta 1 --file deliver.csv --dry-run
+  prefsync rewards deliver --beta 1 --file deliver.csv",
+    exit_codes!(run)
+);
 
-const REWARDS_REVOKE_HELP: &str = "\
-A reward already revoked is left unchanged. A row names the reward by reward_id, or by email and \
+const REWARDS_REVOKE_HELP: &str = concat!(
+    "A reward already revoked is left unchanged. A row names the reward by reward_id, or by email and \
 descriptor (the user's one reward with that descriptor; several are rejected, naming their ids).
 
-Example:
+Examples:
   printf 'email,descriptor\\nada@example.com,early-access\\n' > revoke.csv
-  prefsync rewards revoke --beta 1 --file revoke.csv";
+  prefsync rewards revoke --beta 1 --file revoke.csv --dry-run
+  prefsync rewards revoke --beta 1 --file revoke.csv",
+    exit_codes!(run)
+);
 
 #[derive(Debug, Args)]
 pub struct RewardsIssueArgs {
@@ -322,6 +625,8 @@ pub struct RewardsChangeArgs {
 
 #[derive(Debug, Args)]
 pub struct SuppressionsCmd {
+    #[command(flatten)]
+    pub api: ApiArgs,
     #[command(subcommand)]
     pub what: SuppressionsWhat,
 }
@@ -329,26 +634,33 @@ pub struct SuppressionsCmd {
 #[derive(Debug, Subcommand)]
 pub enum SuppressionsWhat {
     /// Suppress emails: columns email, reason (Manual, the default, or Unsubscribe).
-    #[command(after_help = "\
+    #[command(after_help = concat!("\
 Unsubscribe also unsubscribes the user with that email: --dry-run counts those users first.
 An email suppressed already (error 2702) is `unchanged`, never rejected.
 
-Example:
-  printf 'email,reason\\nann@example.com,Manual\\nbob@example.com,Unsubscribe\\n' > supp.csv
+Examples:
+  printf 'email,reason\\nann@example.com,Manual\\n' > supp.csv
   prefsync suppressions add --beta 12345 --file supp.csv --dry-run
-  prefsync suppressions add --beta 12345 --file supp.csv --results supp.results.csv")]
+  prefsync suppressions add --beta 12345 --file supp.csv --results out.csv",
+        exit_codes!(run)
+    ))]
     Add(BulkArgs),
     /// Remove suppressions: columns suppression_id, or email.
-    #[command(after_help = "\
+    #[command(after_help = concat!("\
 A suppression that is not there (removed already) is `unchanged`.
 
-Example:
-  prefsync suppressions remove --beta 12345 --file unsuppress.csv --results unsuppress.results.csv")]
+Examples:
+  prefsync suppressions remove --beta 12345 --file unsup.csv --dry-run
+  prefsync suppressions remove --beta 12345 --file unsup.csv --results out.csv",
+        exit_codes!(run)
+    ))]
     Remove(BulkArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct TestersCmd {
+    #[command(flatten)]
+    pub api: ApiArgs,
     #[command(subcommand)]
     pub what: TestersWhat,
 }
@@ -356,23 +668,29 @@ pub struct TestersCmd {
 #[derive(Debug, Subcommand)]
 pub enum TestersWhat {
     /// Delete users: columns id, or email. Refuses without --yes or --max-delete.
-    #[command(after_help = "\
+    #[command(after_help = concat!("\
 Before the first delete the users are counted (the run refuses without --yes, or past
 --max-delete) and their records written to a backup CSV that `prefsync import testers` takes.
 A user who is not there (deleted already) is `unchanged`.
 
-Example:
+Examples:
   prefsync testers delete --beta 12345 --file leavers.csv --dry-run
-  prefsync testers delete --beta 12345 --file leavers.csv --max-delete 500 --backup leavers.backup.csv")]
+  prefsync testers delete --beta 12345 --file leavers.csv --max-delete 500 \\
+    --backup leavers.backup.csv",
+        exit_codes!(run)
+    ))]
     Delete(DeleteArgs),
     /// Check users in (each check-in is a visit): columns id, or email.
-    #[command(after_help = "\
+    #[command(after_help = concat!("\
 Not idempotent: a check-in sent twice counts two visits. Each user is read before the
 check-in; after an unknown outcome or a kill, it is read again and the check-in is sent
 again only if the user shows no new check-in. A finished file is not sent again (--fresh).
 
-Example:
-  prefsync testers checkin --beta 12345 --file logins.csv --results logins.results.csv")]
+Examples:
+  prefsync testers checkin --beta 12345 --file logins.csv --dry-run
+  prefsync testers checkin --beta 12345 --file logins.csv --results out.csv",
+        exit_codes!(run)
+    ))]
     Checkin(BulkArgs),
 }
 
@@ -383,16 +701,20 @@ pub struct DeleteArgs {
     /// Delete however many users the file names (without it, or --max-delete, the run refuses).
     #[arg(long)]
     pub yes: bool,
-    /// Delete only if at most N users would be deleted; refuse otherwise.
+    /// Delete only if at most N users would be deleted; refuse otherwise [default: no bound: the
+    /// run refuses without --yes].
     #[arg(long, value_name = "N")]
     pub max_delete: Option<u64>,
-    /// The backup of the deleted users' records (default: beside the checkpoint, named after the run).
+    /// The backup of the deleted users' records [default: beside the checkpoint, named after the
+    /// run].
     #[arg(long, value_name = "PATH")]
     pub backup: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
 pub struct PlanCmd {
+    #[command(flatten)]
+    pub api: ApiArgs,
     #[command(subcommand)]
     pub what: PlanWhat,
 }
@@ -400,10 +722,15 @@ pub struct PlanCmd {
 #[derive(Debug, Subcommand)]
 pub enum PlanWhat {
     /// Users: the plan of `sync testers` with the same flags.
-    #[command(after_help = "Example:
-  prefsync plan testers --beta 1 --file waitlist.csv --mirror project.sqlite --out plan.csv
-  (review plan.csv in a spreadsheet; do not save it back: apply refuses an edited plan)
-  prefsync apply plan.csv")]
+    #[command(after_help = concat!("\
+Review the plan in a spreadsheet; do not save it back: apply refuses an edited plan.
+
+Examples:
+  prefsync plan testers --beta 1 --file waitlist.csv --mirror project.sqlite \\
+    --out plan.csv
+  prefsync apply plan.csv",
+        exit_codes!(run)
+    ))]
     Testers(PlanArgs),
 }
 
@@ -416,15 +743,6 @@ pub struct PlanArgs {
     pub out: PathBuf,
 }
 
-const APPLY_HELP: &str = "\
-Before each update or delete the user is read (a show call, not the 60-a-minute list): a user \
-changed since the plan is not touched and is reported as drift, with what changed. --on-drift skip \
-(the default) goes on with the rest; stop stops there (resumable). A run with any drift exits 4 \
-(or 5 when stopped), never 0.
-
-Example:
-  prefsync apply plan.csv --results applied.csv";
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OnDrift {
     /// Leave the drifted user, do the rest of the plan.
@@ -435,9 +753,11 @@ pub enum OnDrift {
 
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
     /// The plan written by `prefsync plan`.
     pub plan: PathBuf,
-    /// The mirror to keep current (default: the one the plan was made from).
+    /// The mirror to keep current [default: the one the plan was made from].
     #[arg(long, value_name = "FILE")]
     pub mirror: Option<PathBuf>,
     /// What a drift does to the rest of the plan.
@@ -456,16 +776,16 @@ pub struct ApplyArgs {
         value_name = "PATH"
     )]
     pub checkpoint: PathBuf,
-    /// The rejected-rows report (drift included).
+    /// The rejected-rows report (drift included) [default: beside the checkpoint].
     #[arg(long, value_name = "PATH")]
     pub errors: Option<PathBuf>,
-    /// One line per plan action: line, email, action, Prefinery id.
+    /// One line per plan action: line, email, action, Prefinery id [default: off].
     #[arg(long, value_name = "PATH")]
     pub results: Option<PathBuf>,
-    /// Write the final summary as JSON here.
+    /// Write the final summary as JSON here [default: off].
     #[arg(long, value_name = "PATH")]
     pub summary_json: Option<PathBuf>,
-    /// Stop cleanly (resumable, exit 5) after this long.
+    /// Stop cleanly (resumable, exit 5) after this long [default: no limit].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub max_duration: Option<Duration>,
     /// Start over instead of resuming.
@@ -475,6 +795,8 @@ pub struct ApplyArgs {
 
 #[derive(Debug, Args)]
 pub struct SyncCmd {
+    #[command(flatten)]
+    pub api: ApiArgs,
     #[command(subcommand)]
     pub what: SyncWhat,
 }
@@ -486,17 +808,20 @@ pub enum SyncWhat {
     Testers(SyncArgs),
 }
 
-const SYNC_HELP: &str = "\
-The mirror is the SQLite file `prefsync export testers --format sqlite` writes. When its latest \
+const SYNC_HELP: &str = concat!(
+    "The mirror is the SQLite file `prefsync export testers --format sqlite` writes. When its latest \
 listing of the project is older than --max-age, incomplete or filtered, the project is listed into \
 it first (resumable). Then each row is compared with the mirror: calls are made only for rows that \
 changed, and what the API returns is written back. A suppressed email is never created again; an \
 unsubscribed user's status is never sent.
 
-Example:
-  prefsync sync testers --beta 1 --file waitlist.csv --mirror project.sqlite --max-age 12h
+Examples:
   prefsync sync testers --beta 1 --file waitlist.csv --mirror project.sqlite \\
-    --delete-missing --max-delete 2% --backup removed.csv";
+    --max-age 12h
+  prefsync sync testers --beta 1 --file waitlist.csv --mirror project.sqlite \\
+    --delete-missing --max-delete 2% --backup removed.csv",
+    exit_codes!(run)
+);
 
 #[derive(Debug, Args)]
 pub struct SyncArgs {
@@ -514,10 +839,11 @@ pub struct SyncArgs {
     /// Delete users of the project that are in no row of the file (needs --max-delete).
     #[arg(long)]
     pub delete_missing: bool,
-    /// The most users --delete-missing may delete: a count (500) or a share of the project (2%).
+    /// The most users --delete-missing may delete: a count (500) or a share of the project (2%)
+    /// [default: none: --delete-missing refuses without it].
     #[arg(long, value_name = "N|N%")]
     pub max_delete: Option<crate::sync::DeleteBound>,
-    /// Where the users --delete-missing deletes are written first (default beside the mirror).
+    /// Where the users --delete-missing deletes are written first [default: beside the mirror].
     #[arg(long, value_name = "PATH")]
     pub backup: Option<PathBuf>,
 }
@@ -531,8 +857,21 @@ pub struct PresetCmd {
 #[derive(Debug, Subcommand)]
 pub enum PresetWhat {
     /// The presets, one a line.
+    #[command(after_help = concat!(
+        "Examples:
+  prefsync preset list
+  prefsync preset show mailchimp",
+        exit_codes!(local)
+    ))]
     List,
     /// Print a preset's mapping file (copy it, change it, pass it with --map).
+    #[command(after_help = concat!(
+        "Examples:
+  prefsync preset show mailchimp > map.toml
+  prefsync import testers --beta 1 --file members.csv --preset mailchimp \\
+    --map map.toml",
+        exit_codes!(local)
+    ))]
     Show {
         /// The preset's name (see `prefsync preset list`).
         name: String,
@@ -552,10 +891,13 @@ pub enum ExportWhat {
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
     /// What to export.
     #[arg(value_enum)]
     pub what: ExportWhat,
-    /// csv, jsonl or sqlite.
+    /// csv, jsonl or sqlite [default: guessed from the --out extension: .csv, .jsonl or .ndjson,
+    /// .sqlite, .sqlite3 or .db]. A format that contradicts a known extension is refused.
     #[arg(long, value_name = "csv|jsonl|sqlite")]
     pub format: Option<Format>,
     /// The output file (written beside, then renamed into place; SQLite is updated in place).
@@ -564,31 +906,32 @@ pub struct ExportArgs {
     /// Every project of the company (SQLite output).
     #[arg(long)]
     pub all_betas: bool,
-    /// Users whose email contains this (testers).
+    /// Users whose email contains this (testers) [default: every user].
     #[arg(long)]
     pub email_contains: Option<String>,
-    /// Users whose first or last name matches (testers).
+    /// Users whose first or last name matches (testers) [default: every user].
     #[arg(long)]
     pub name: Option<String>,
-    /// Users with this referral code (testers).
+    /// Users with this referral code (testers) [default: every user].
     #[arg(long)]
     pub referral_code: Option<String>,
-    /// Users with this value in custom_var1..3 (testers).
+    /// Users with this value in custom_var1..3 (testers) [default: every user].
     #[arg(long)]
     pub custom_vars: Option<String>,
-    /// Rewards with this status: earned, delivered or revoked (rewards).
+    /// Rewards with this status: earned, delivered or revoked (rewards) [default: every status].
     #[arg(long)]
     pub status: Option<String>,
-    /// Records of the user with this email (rewards, suppressions, points).
+    /// Records of the user with this email (rewards, suppressions, points) [default: every
+    /// user's].
     #[arg(long)]
     pub email: Option<String>,
-    /// The checkpoint for CSV and JSONL (default: beside the output). SQLite output holds its own.
+    /// The checkpoint for CSV and JSONL [default: beside the output]. SQLite output holds its own.
     #[arg(long, value_name = "PATH")]
     pub checkpoint: Option<PathBuf>,
-    /// Write the final summary as JSON here.
+    /// Write the final summary as JSON here [default: off].
     #[arg(long, value_name = "PATH")]
     pub summary_json: Option<PathBuf>,
-    /// Stop cleanly (resumable, exit 5) after this long, e.g. 30m.
+    /// Stop cleanly (resumable, exit 5) after this long, e.g. 30m [default: no limit].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub max_duration: Option<Duration>,
     /// Neutralise cells a spreadsheet would run as formulas (leading = + - @ tab CR) with a leading '.
@@ -604,6 +947,8 @@ pub struct ExportArgs {
 
 #[derive(Debug, Args)]
 pub struct ImportCmd {
+    #[command(flatten)]
+    pub api: ApiArgs,
     #[command(subcommand)]
     pub what: ImportWhat,
 }
@@ -611,6 +956,17 @@ pub struct ImportCmd {
 #[derive(Debug, Subcommand)]
 pub enum ImportWhat {
     /// Users ("testers" in the API).
+    #[command(after_help = concat!(
+        "Each row's outcome is kept in the checkpoint: a run stopped or killed resumes where it \
+stopped when the same command is run again, and a file already done is not sent again.
+
+Examples:
+  prefsync import testers --beta 1 --file waitlist.csv --dry-run
+  prefsync import testers --beta 1 --file waitlist.csv --map samples/map.toml
+  prefsync import testers --beta 1 --file members.csv --preset mailchimp \\
+    --max-duration 2h",
+        exit_codes!(run)
+    ))]
     Testers(ImportTestersArgs),
 }
 
@@ -619,7 +975,7 @@ pub struct ImportTestersArgs {
     #[command(flatten)]
     pub import: ImportArgs,
     /// A local mirror (SQLite export file) to keep current: each created or updated user, as
-    /// the API returned it, is written to it.
+    /// the API returned it, is written to it [default: off].
     #[arg(long, value_name = "FILE")]
     pub mirror: Option<PathBuf>,
 }
@@ -632,14 +988,16 @@ pub struct ImportArgs {
     /// upsert: create new users, update existing ones; create or update restrict it.
     #[arg(long, value_enum, default_value_t = ModeArg::Upsert)]
     pub mode: ModeArg,
-    /// Column mapping (TOML): rename, ignore, constants, values, dates, lists, rules. See samples/map.toml.
+    /// Column mapping (TOML): rename, ignore, constants, values, dates, lists, rules. See
+    /// samples/map.toml [default: the file's headers are the API's field names].
     #[arg(long, value_name = "FILE")]
     pub map: Option<PathBuf>,
     /// The mapping for another tool's export: mailchimp, getwaitlist, viral-loops, kickofflabs,
-    /// referralhero, launchlist, or auto (recognised from the header row). --map overrides its entries.
+    /// referralhero, launchlist, or auto (recognised from the header row). --map overrides its
+    /// entries [default: off].
     #[arg(long, value_name = "NAME")]
     pub preset: Option<String>,
-    /// Which Mailchimp file this is (default: told from Mailchimp's file name; never guessed).
+    /// Which Mailchimp file this is [default: told from Mailchimp's file name; never guessed].
     #[arg(long, value_name = "subscribed|unsubscribed|cleaned")]
     pub mailchimp_list: Option<MailchimpList>,
     /// Import rows that skip_if rules (spam, fraud flags) would skip. Opted-out people stay out.
@@ -679,25 +1037,25 @@ pub struct ImportArgs {
         value_name = "PATH"
     )]
     pub checkpoint: PathBuf,
-    /// The rejected-rows report (default: beside the checkpoint).
+    /// The rejected-rows report [default: beside the checkpoint, named after the run].
     #[arg(long, value_name = "PATH")]
     pub errors: Option<PathBuf>,
-    /// One line per input line: line, email, action, Prefinery id.
+    /// One line per input line: line, email, action, Prefinery id [default: off].
     #[arg(long, value_name = "PATH")]
     pub results: Option<PathBuf>,
-    /// Write the final summary as JSON here.
+    /// Write the final summary as JSON here [default: off].
     #[arg(long, value_name = "PATH")]
     pub summary_json: Option<PathBuf>,
     /// Start over instead of resuming the unfinished run for this file and project.
     #[arg(long)]
     pub fresh: bool,
-    /// Stop cleanly (resumable, exit 5) after this long, e.g. 30m, 2h.
+    /// Stop cleanly (resumable, exit 5) after this long, e.g. 30m, 2h [default: no limit].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub max_duration: Option<Duration>,
-    /// Input encoding (detected by default): utf-8 or windows-1252 (latin-1).
+    /// Input encoding: utf-8 or windows-1252 (latin-1) [default: detected].
     #[arg(long)]
     pub encoding: Option<Encoding>,
-    /// Field delimiter (detected by default): , ; or tab (\t).
+    /// Field delimiter: , ; or tab (\t) [default: detected].
     #[arg(long, value_parser = parse_delimiter)]
     pub delimiter: Option<char>,
     /// Refuse columns that map to nothing (by default they are listed and ignored).
@@ -706,7 +1064,7 @@ pub struct ImportArgs {
     /// What an empty cell does on update: keep the field, or clear it.
     #[arg(long, value_name = "keep|clear", default_value = "keep")]
     pub empty: EmptyCells,
-    /// How to tell existing users from new ones (default: the cheaper in API calls).
+    /// How to tell existing users from new ones [default: the cheaper in API calls].
     #[arg(long, value_enum)]
     pub resolve: Option<ResolveArg>,
     /// In the rejected-rows report, put a ' before cells that start with =, +, -, @, tab or CR
@@ -726,13 +1084,16 @@ fn parse_delimiter(s: &str) -> Result<char, String> {
 
 #[derive(Debug, Args)]
 pub struct RunsArgs {
-    /// The checkpoint database.
+    /// The checkpoint database (opened read-only).
     #[arg(
         long,
         default_value = "prefsync-checkpoint.sqlite",
         value_name = "PATH"
     )]
     pub checkpoint: PathBuf,
+    /// text for people, json for scripts.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
 }
 
 #[derive(Debug, Args)]
@@ -740,10 +1101,10 @@ pub struct SandboxArgs {
     /// Port to listen on (0 = any free port).
     #[arg(long, default_value_t = 8787)]
     pub port: u16,
-    /// Write the port here once listening.
+    /// Write the port here once listening [default: off].
     #[arg(long, value_name = "PATH")]
     pub port_file: Option<PathBuf>,
-    /// Keys and their permissions (TOML or JSON); default: `sandbox-key` with every permission.
+    /// Keys and their permissions (TOML or JSON) [default: `sandbox-key` with every permission].
     #[arg(long, value_name = "FILE")]
     pub keys: Option<PathBuf>,
     /// Multiply the documented rate limits (60 turns 60/min into 60/s); 0 turns them off.
@@ -753,10 +1114,10 @@ pub struct SandboxArgs {
     #[arg(long, default_value_t = 503, value_parser = parse_throttle_status)]
     pub throttle_status: u16,
     /// Throttle writes past this many per period, for all projects together
-    /// (not a documented limit; off by default), e.g. 100/1s.
+    /// (not a documented limit), e.g. 100/1s [default: off].
     #[arg(long, value_name = "N/PERIOD")]
     pub write_limit: Option<Quota>,
-    /// Send Retry-After with this many seconds on throttled answers.
+    /// Send Retry-After with this many seconds on throttled answers [default: no Retry-After].
     #[arg(long, value_name = "SECONDS")]
     pub retry_after: Option<u64>,
     /// Seed for fault injection.
@@ -771,13 +1132,13 @@ pub struct SandboxArgs {
     /// Probability that the connection drops before the request is applied.
     #[arg(long, default_value_t = 0.0)]
     pub drop_rate: f64,
-    /// Added latency per request, MIN:MAX in milliseconds.
+    /// Added latency per request, MIN:MAX in milliseconds [default: none].
     #[arg(long, value_name = "MIN:MAX")]
     pub latency_ms: Option<String>,
     /// Seed project 1 with users user{i}@example.com (plus rewards, points, suppressions).
     #[arg(long, default_value_t = 0)]
     pub seed_testers: usize,
-    /// Persist the state to this SQLite file (in memory by default).
+    /// Persist the state to this SQLite file [default: in memory].
     #[arg(long, value_name = "PATH")]
     pub state: Option<PathBuf>,
     /// Add a total_count key to X-Pagination (the real key's name is unknown).

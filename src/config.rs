@@ -6,7 +6,7 @@ use std::path::Path;
 use url::Url;
 
 use crate::api::{ApiKey, Client, Limiter, RateOverride, RetryPolicy};
-use crate::cli::GlobalArgs;
+use crate::cli::ApiArgs;
 use crate::exit::usage;
 
 /// Where and as whom to talk to Prefinery.
@@ -21,19 +21,15 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn from_args(g: &GlobalArgs) -> anyhow::Result<Connection> {
-        let key = match &g.api_key_file {
-            Some(path) => read_key_file(path)?,
-            None => match std::env::var("PREFINERY_API_KEY") {
-                Ok(k) if !k.trim().is_empty() => ApiKey::new(k),
-                _ => {
-                    return Err(usage(
-                        "no API key: set PREFINERY_API_KEY or pass --api-key-file PATH. \
-                         hint: create a key under Company Settings > API Keys",
-                    ));
-                }
-            },
-        };
+    /// Reads the key from, in this order (the first that is set wins):
+    /// `--api-key-file`, the file `PREFINERY_API_KEY_FILE` names (systemd
+    /// credentials, container secrets), `PREFINERY_API_KEY`.
+    pub fn from_args(g: &ApiArgs) -> anyhow::Result<Connection> {
+        let key = resolve_key(
+            g.api_key_file.as_deref(),
+            std::env::var_os("PREFINERY_API_KEY_FILE").as_deref(),
+            std::env::var("PREFINERY_API_KEY").ok().as_deref(),
+        )?;
         let base_url = parse_base_url(&g.base_url)?;
         let betas = g
             .betas
@@ -65,6 +61,31 @@ impl Connection {
         self.beta.as_deref().ok_or_else(|| {
             usage("no project given: pass --beta ID (the numeric API Beta ID or the project UID) or set PREFINERY_BETA")
         })
+    }
+}
+
+/// The key from its sources, in the order of precedence.
+fn resolve_key(
+    flag: Option<&Path>,
+    env_file: Option<&std::ffi::OsStr>,
+    env_key: Option<&str>,
+) -> anyhow::Result<ApiKey> {
+    if let Some(path) = flag {
+        return read_key_file(path);
+    }
+    if let Some(path) = env_file.filter(|p| !p.is_empty()) {
+        return read_key_file(Path::new(path)).map_err(|e| {
+            usage(format!(
+                "PREFINERY_API_KEY_FILE names a file that gives no key: {e:#}"
+            ))
+        });
+    }
+    match env_key {
+        Some(k) if !k.trim().is_empty() => Ok(ApiKey::new(k)),
+        _ => Err(usage(
+            "no API key: set PREFINERY_API_KEY, or PREFINERY_API_KEY_FILE, or pass --api-key-file PATH. \
+             hint: create a key under Company Settings > API Keys",
+        )),
     }
 }
 
@@ -171,6 +192,34 @@ mod tests {
         assert_eq!(check_beta("a9b8c7de").unwrap(), "a9b8c7de");
         assert!(check_beta("../1").is_err());
         assert!(check_beta("").is_err());
+    }
+
+    #[test]
+    fn the_key_sources_in_their_order_of_precedence() {
+        let dir = tempfile::tempdir().unwrap();
+        let flag = dir.path().join("flag");
+        let env = dir.path().join("env");
+        std::fs::write(&flag, "from-flag\n").unwrap();
+        std::fs::write(&env, "from-env-file\n").unwrap();
+        let key = |f: Option<&Path>, e: Option<&Path>, k: Option<&str>| {
+            resolve_key(f, e.map(|p| p.as_os_str()), k).map(|k| k.expose().to_string())
+        };
+        assert_eq!(
+            key(Some(&flag), Some(&env), Some("from-env")).unwrap(),
+            "from-flag"
+        );
+        assert_eq!(
+            key(None, Some(&env), Some("from-env")).unwrap(),
+            "from-env-file"
+        );
+        assert_eq!(key(None, None, Some("from-env")).unwrap(), "from-env");
+        // A file that is named but missing is an error, not a silent fall
+        // back to another key; the message names the variable, not the key.
+        let err = key(None, Some(&dir.path().join("nope")), Some("from-env")).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("PREFINERY_API_KEY_FILE"), "{msg}");
+        assert!(!msg.contains("from-env"), "{msg}");
+        assert!(key(None, None, None).is_err());
     }
 
     #[test]

@@ -69,8 +69,45 @@ impl fmt::Display for StoppedError {
 
 impl std::error::Error for StoppedError {}
 
+/// The key lacks a permission a job needs (`check --for`): exit 3.
+#[derive(Debug)]
+pub struct AccessDeniedError(pub String);
+
+impl fmt::Display for AccessDeniedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for AccessDeniedError {}
+
 pub fn usage(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(UsageError(msg.into()))
+}
+
+/// An error as the user reads it: one line, `error: cause: cause`, and
+/// apart from it the reports some causes carry after their first line (a
+/// run's summary, which a stopped run adds to its error). The summary is
+/// printed as itself, before the message, never inside it.
+pub fn render(err: &anyhow::Error) -> (Vec<String>, String) {
+    let mut reports = Vec::new();
+    let mut parts: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        match text.split_once('\n') {
+            Some((first, rest)) => {
+                let first = first.trim_end().trim_end_matches(':').trim_end();
+                if !first.is_empty() {
+                    parts.push(first.to_string());
+                }
+                if !rest.trim().is_empty() {
+                    reports.push(rest.trim_end().to_string());
+                }
+            }
+            None => parts.push(text),
+        }
+    }
+    (reports, parts.join(": "))
 }
 
 /// The exit code for an error that ended the run.
@@ -84,6 +121,9 @@ pub fn exit_for(err: &anyhow::Error) -> Exit {
         }
         if cause.is::<StoppedError>() {
             return Exit::Resumable;
+        }
+        if cause.is::<AccessDeniedError>() {
+            return Exit::AccessDenied;
         }
         if let Some(api) = cause.downcast_ref::<ApiError>() {
             return match api {
@@ -103,6 +143,33 @@ pub fn exit_for(err: &anyhow::Error) -> Exit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (issue 16, defect 8): a key that lacks a permission
+    /// stopped an import with the run's summary inside the error,
+    /// `error: the run stopped:\n<summary>\n: failed to create a user...`.
+    #[test]
+    fn a_summary_inside_an_error_is_printed_apart_from_it() {
+        let summary = "import of in.csv into project 1: 3 rows\n  created 0, not done yet 3\n";
+        let err = anyhow::Error::new(ApiError::Forbidden {
+            op: "create a user",
+            permission: "Users > Create",
+        })
+        .context(format!("the run stopped:\n{summary}"));
+        let (reports, message) = render(&err);
+        assert_eq!(
+            reports,
+            ["import of in.csv into project 1: 3 rows\n  created 0, not done yet 3"]
+        );
+        assert_eq!(
+            message,
+            "the run stopped: failed to create a user: permission denied (HTTP 403). \
+             hint: this API key lacks Users > Create; edit it under Company Settings > API Keys"
+        );
+        assert!(!message.contains('\n'));
+        // An error of one line each is the whole chain, as `{:#}` gives it.
+        let plain = anyhow::anyhow!("boom").context("failed to import");
+        assert_eq!(render(&plain), (vec![], format!("{plain:#}")));
+    }
 
     #[test]
     fn errors_map_to_documented_codes() {

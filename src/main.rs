@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use prefsync::cli::{Cli, LogFormat};
-use prefsync::exit::{Exit, exit_for};
+use prefsync::exit::{Exit, exit_for, render};
 
 fn init_logging(cli: &Cli) {
     let level = if cli.global.quiet {
@@ -55,6 +55,7 @@ fn main() -> ExitCode {
             return ExitCode::from(Exit::Internal.code() as u8);
         }
     };
+    let quiet = cli.global.quiet;
     let result = runtime.block_on(prefsync::run(cli));
     // Don't wait for stray tasks (a blocked stdin reader, say).
     runtime.shutdown_background();
@@ -64,7 +65,13 @@ fn main() -> ExitCode {
             if is_broken_pipe(&e) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("error: {e:#}");
+            let (reports, message) = render(&e);
+            if !quiet {
+                for r in reports {
+                    eprintln!("{r}");
+                }
+            }
+            eprintln!("error: {message}");
             ExitCode::from(exit_for(&e).code() as u8)
         }
     }

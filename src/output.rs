@@ -71,12 +71,23 @@ impl Drop for AtomicFile {
 
 /// Neutralises a cell that a spreadsheet would run as a formula: a leading
 /// `=`, `+`, `-`, `@`, tab or CR gets a `'` in front, which Excel shows as
-/// text and does not display.
+/// text and does not display. A phone number (`+1 555 0100`, `+44 (20)
+/// 7946-0958`: a `+` followed only by digits, spaces, dashes, dots and
+/// parentheses) is no formula and is left as it is: it holds no cell
+/// reference or function a spreadsheet could run.
 pub fn excel_safe(s: String) -> String {
     match s.chars().next() {
+        Some('+') if is_phone_number(&s[1..]) => s,
         Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{s}"),
         _ => s,
     }
+}
+
+fn is_phone_number(rest: &str) -> bool {
+    rest.chars().any(|c| c.is_ascii_digit())
+        && rest
+            .chars()
+            .all(|c| c.is_ascii_digit() || matches!(c, ' ' | '-' | '.' | '(' | ')'))
 }
 
 /// Writes `value` as pretty JSON, whole or not at all.
@@ -199,5 +210,43 @@ mod tests {
             ],
         )
         .unwrap();
+    }
+}
+
+#[cfg(test)]
+mod excel_tests {
+    use super::excel_safe;
+
+    /// Regression (issue 16, defect 8): `--excel-safe` turned the phone
+    /// number `+1 555 0100` into `'+1 555 0100`.
+    #[test]
+    fn a_phone_number_is_not_a_formula() {
+        for phone in [
+            "+1 555 0100",
+            "+44 (20) 7946-0958",
+            "+33.1.23.45.67.89",
+            "+1",
+        ] {
+            assert_eq!(excel_safe(phone.into()), phone);
+        }
+        for formula in [
+            "+SUM(A1:A9)",
+            "+1+A1",
+            "+cmd|' /C calc'!A0",
+            "+",
+            "+ ()",
+            "=1+1",
+            "@SUM(A1)",
+            "-1 555 0100",
+            "-2+3",
+            "\t1",
+        ] {
+            assert_eq!(
+                excel_safe(formula.into()),
+                format!("'{formula}"),
+                "{formula}"
+            );
+        }
+        assert_eq!(excel_safe("Ada".into()), "Ada");
     }
 }

@@ -820,7 +820,7 @@ fn prefsync_help_lists_the_operations_and_each_has_an_example() {
             .unwrap();
         let help = sub.render_long_help().to_string();
         assert!(
-            help.contains("Example:") && help.contains(&format!("prefsync {group} {op} --beta")),
+            help.contains("Examples:") && help.contains(&format!("prefsync {group} {op} --beta")),
             "{help}"
         );
     }

@@ -256,7 +256,7 @@ pub enum ApiError {
     },
 
     #[error(
-        "failed to {op}: project {beta:?} was not found (HTTP 404). hint: check --beta; it takes the numeric API Beta ID or the project UID, both under the project's Settings > General"
+        "failed to {op}: project {beta:?} was not found, or is not visible to this key (HTTP 404). hint: check --beta; it takes the numeric API Beta ID or the project UID, both under the project's Settings > General"
     )]
     ProjectNotFound { op: &'static str, beta: String },
 

@@ -536,6 +536,33 @@ impl Checkpoint {
         Self::setup(conn, path)
     }
 
+    /// A checkpoint opened read-only, for `prefsync runs`: nothing is
+    /// created, migrated or set (not even the journal mode), so the file is
+    /// never changed. Only a checkpoint of the current schema is read; an
+    /// older one is upgraded by the next run that writes it.
+    pub fn open_read_only(conn: Connection, path: &Path) -> anyhow::Result<Checkpoint> {
+        debug_assert!(conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(false));
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            bail!(
+                "the checkpoint {} has schema version {version}, newer than this prefsync understands ({SCHEMA_VERSION}); upgrade prefsync",
+                path.display()
+            );
+        }
+        if version < SCHEMA_VERSION {
+            bail!(
+                "the checkpoint {} was written by an older prefsync (schema version {version}, this one reads {SCHEMA_VERSION}); \
+                 run the command that wrote it again to upgrade it (the run resumes), then list its runs",
+                path.display()
+            );
+        }
+        Ok(Checkpoint {
+            conn,
+            path: path.to_path_buf(),
+            seen: RefCell::default(),
+        })
+    }
+
     /// A checkpoint that lives in memory (dry runs write nothing).
     pub fn in_memory() -> anyhow::Result<Checkpoint> {
         Self::setup(Connection::open_in_memory()?, Path::new(":memory:"))

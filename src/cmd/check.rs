@@ -8,6 +8,7 @@ use std::fmt;
 use serde_json::json;
 
 use crate::api::{ApiError, Beta, Client, Op};
+use crate::cli::Job;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Grant {
@@ -87,9 +88,8 @@ impl fmt::Display for CheckReport {
         for (name, g) in &self.permissions {
             writeln!(f, "  {name:<30} {g}")?;
         }
-        if let Some(e) = &self.failure {
-            writeln!(f, "error: {e}")?;
-        }
+        // The failure itself is the command's error, printed once, on
+        // stderr, by the caller.
         Ok(())
     }
 }
@@ -265,4 +265,136 @@ pub async fn check(client: &Client, beta: &str) -> CheckReport {
         Grant::Unknown("not probed: prefsync never deletes projects".into()),
     ));
     report
+}
+
+/// The permissions each job needs, in the words of the report (and of
+/// Prefinery's API Keys page). Only what every run of the job calls: a
+/// sync with --delete-missing needs Users > Delete too (see [`job_notes`]).
+pub fn needs(job: Job) -> &'static [&'static str] {
+    match job {
+        // The project's size picks how to resolve emails; then lookups or
+        // the listing, creates and updates.
+        Job::Import => &[
+            "Projects > Read",
+            "Users > Read",
+            "Users > Create",
+            "Users > Update",
+        ],
+        Job::Export => &["Projects > Read", "Users > Read"],
+        // The mirror's refresh lists users and suppressions.
+        Job::Sync => &[
+            "Projects > Read",
+            "Users > Read",
+            "Users > Create",
+            "Users > Update",
+            "Email Suppressions > Read",
+        ],
+        Job::Points => &["Points (list)", "Points > Create"],
+        Job::Rewards => &["Rewards > Read", "Rewards > Create", "Rewards > Update"],
+        // Unsubscribe looks the user up.
+        Job::Suppressions => &[
+            "Users > Read",
+            "Email Suppressions > Read",
+            "Email Suppressions > Create",
+            "Email Suppressions > Delete",
+        ],
+        Job::Delete => &["Users > Read", "Users > Delete"],
+        Job::Checkin => &["Users > Read", "Users > Update"],
+        // Each webhook event re-reads the user, or that user's rewards
+        // and points.
+        Job::Listen => &["Users > Read", "Rewards > Read", "Points (list)"],
+    }
+}
+
+/// What a job may need beyond [`needs`], depending on its flags.
+pub fn job_notes(job: Job) -> Option<&'static str> {
+    match job {
+        Job::Sync => Some("sync --delete-missing also needs Users > Delete"),
+        Job::Export => Some(
+            "export rewards, suppressions or points needs Rewards > Read, Email Suppressions > Read or Points (list)",
+        ),
+        _ => None,
+    }
+}
+
+/// The job's name as the user typed it.
+pub fn job_name(job: Job) -> &'static str {
+    match job {
+        Job::Import => "import",
+        Job::Export => "export",
+        Job::Sync => "sync",
+        Job::Points => "points",
+        Job::Rewards => "rewards",
+        Job::Suppressions => "suppressions",
+        Job::Delete => "delete",
+        Job::Checkin => "checkin",
+        Job::Listen => "listen",
+    }
+}
+
+/// What `--for JOB` found: the permissions it needs that are missing, and
+/// those the probes could not tell.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct JobVerdict {
+    pub missing: Vec<&'static str>,
+    pub unknown: Vec<&'static str>,
+}
+
+impl CheckReport {
+    pub fn verdict(&self, job: Job) -> JobVerdict {
+        let mut v = JobVerdict::default();
+        for p in needs(job) {
+            match self.grant(p) {
+                Some(Grant::Granted) => {}
+                Some(Grant::Missing) => v.missing.push(p),
+                // Not probed (the check stopped early) or not told.
+                Some(Grant::Unknown(_)) | None => v.unknown.push(p),
+            }
+        }
+        v
+    }
+
+    /// The report as one JSON document (`check --output json`). The keys
+    /// are documented in the README and kept stable.
+    pub fn to_json(&self, job: Option<Job>) -> serde_json::Value {
+        let project = self.project.as_ref().map(|p| {
+            json!({
+                "id": p.id,
+                "uid": p.extra.get("uid").cloned().unwrap_or(serde_json::Value::Null),
+                "name": p.name,
+                "users": p.testers_count,
+            })
+        });
+        let permissions: Vec<serde_json::Value> = self
+            .permissions
+            .iter()
+            .map(|(name, g)| {
+                let (grant, detail) = match g {
+                    Grant::Granted => ("granted", None),
+                    Grant::Missing => ("missing", None),
+                    Grant::Unknown(why) => ("unknown", Some(why.as_str())),
+                };
+                json!({"name": name, "grant": grant, "detail": detail})
+            })
+            .collect();
+        let job_json = job.map(|j| {
+            let v = self.verdict(j);
+            json!({
+                "job": job_name(j),
+                "needs": needs(j),
+                "missing": v.missing,
+                "unknown": v.unknown,
+                "ok": self.works() && v.missing.is_empty(),
+                "note": job_notes(j),
+            })
+        });
+        json!({
+            "beta": self.beta,
+            "works": self.works(),
+            "project": project,
+            "permissions": permissions,
+            "for": job_json,
+            "error": self.failure.as_ref().map(ToString::to_string),
+        })
+    }
 }

@@ -809,15 +809,9 @@ fn cell(v: Option<&Value>) -> (String, bool) {
     }
 }
 
-/// Neutralises a cell that a spreadsheet would run as a formula: a leading
-/// `=`, `+`, `-`, `@`, tab or CR gets a `'` in front, which Excel shows as
-/// text and does not display.
-pub fn excel_safe(s: String) -> String {
-    match s.chars().next() {
-        Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{s}"),
-        _ => s,
-    }
-}
+/// The one rule for cells a spreadsheet would run as formulas, shared
+/// with the rejected-rows report.
+pub use crate::output::excel_safe;
 
 /// Two passes over the spool: the columns (documented order, then
 /// `profile.*` sorted, then any other field in the order first seen), then
@@ -900,7 +894,11 @@ mod tests {
     #[test]
     fn formula_cells_are_neutralised() {
         assert_eq!(excel_safe("=HYPERLINK(\"x\")".into()), "'=HYPERLINK(\"x\")");
-        assert_eq!(excel_safe("+1".into()), "'+1");
+        assert_eq!(excel_safe("+SUM(A1:A9)".into()), "'+SUM(A1:A9)");
+        assert_eq!(
+            excel_safe("-2+3+cmd|' /C calc'!A0".into()),
+            "'-2+3+cmd|' /C calc'!A0"
+        );
         assert_eq!(excel_safe("@SUM(A1)".into()), "'@SUM(A1)");
         assert_eq!(excel_safe("\tx".into()), "'\tx");
         assert_eq!(excel_safe("Ada".into()), "Ada");

@@ -114,6 +114,37 @@ impl Target {
         })
     }
 
+    /// Every name a target may take, for the error that names none.
+    pub fn names() -> Vec<&'static str> {
+        let mut v = vec![
+            "email",
+            "status",
+            "invitation_code",
+            "referrer_id",
+            "split_name",
+            "ignore",
+        ];
+        v.extend_from_slice(PROFILE_KEYS);
+        v
+    }
+
+    /// Why `name` names no field: the closest valid name, if one is near
+    /// (a typo), and the list of them all.
+    pub fn unknown(name: &str) -> String {
+        let norm = name.trim().to_lowercase().replace([' ', '-'], "_");
+        let near = Target::names()
+            .into_iter()
+            .map(|n| (edit_distance(&norm, n), n))
+            .filter(|(d, n)| *d <= 2.max(n.len() / 4))
+            .min();
+        format!(
+            "{}the fields are {}, profile.KEY (any profile key) and response.QUESTION (a signup form's answer)",
+            near.map(|(_, n)| format!("did you mean {n:?}? "))
+                .unwrap_or_default(),
+            Target::names().join(", ")
+        )
+    }
+
     /// The fields a target writes, to find two columns writing one field.
     fn fields(&self) -> Vec<String> {
         match self {
@@ -835,8 +866,9 @@ impl Mapping {
             for (k, v) in &layer.file.constants {
                 let t = Target::parse(k).ok_or_else(|| {
                     usage(format!(
-                        "{}: the constant {k:?} names no field",
-                        layer.origin
+                        "{}: the constant {k:?} names no field; {}",
+                        layer.origin,
+                        Target::unknown(k)
                     ))
                 })?;
                 constants.insert(norm(k), (t, v.clone()));
@@ -1153,6 +1185,22 @@ impl Mapping {
     }
 }
 
+/// Levenshtein distance, for the "did you mean" of an unknown field.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
 /// A column's target and transforms from its entry.
 fn column_spec(
     header: &str,
@@ -1162,7 +1210,8 @@ fn column_spec(
     let to = spec.to();
     let target = Target::parse(to).ok_or_else(|| {
         usage(format!(
-            "{origin} maps {header:?} to {to:?}, which names no field"
+            "{origin} maps {header:?} to {to:?}, which names no field; {}",
+            Target::unknown(to)
         ))
     })?;
     let ColumnSpec::Full(f) = spec else {
@@ -1421,6 +1470,34 @@ mod tests {
             Mapped::Skip(s) => s,
             other => panic!("expected a skip, got {other:?}"),
         }
+    }
+
+    /// Regression (issue 16, defect 8): a map target typo said only that
+    /// it "names no field", without the fields there are.
+    #[test]
+    fn a_target_typo_lists_the_fields_and_the_closest() {
+        let err = with_map(&["Email", "Phone"], "[columns]\n\"Phone\" = \"telephon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"telephon\", which names no field"), "{err}");
+        assert!(err.contains("did you mean \"telephone\"?"), "{err}");
+        for field in [
+            "email",
+            "status",
+            "first_name",
+            "custom_var3",
+            "profile.KEY",
+        ] {
+            assert!(err.contains(field), "{field}: {err}");
+        }
+        // A name near nothing gets the list without a guess.
+        let err = with_map(&["Email", "X"], "[columns]\n\"X\" = \"zzzzzzzzzzzz\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !err.contains("did you mean") && err.contains("telephone"),
+            "{err}"
+        );
     }
 
     #[test]
