@@ -10,6 +10,7 @@
 //! cargo run --release --example bench -- limiter [PAGES]
 //! cargo run --release --example bench -- export-local [USERS]
 //! cargo run --release --example bench -- sync [ROWS]
+//! cargo run --release --example bench -- order [ROWS] [CONCURRENCY] [LATENCY_MS]
 //! ```
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use prefsync::api::{ApiKey, Client, Limiter, RateOverride, RetryPolicy, TesterInput};
 use prefsync::checkpoint::{Checkpoint, RowUpdate};
+use prefsync::engine::Order;
 use prefsync::export::sink::Format;
 use prefsync::export::{ExportOptions, Resource, export};
 use prefsync::import::input::Source;
@@ -247,6 +249,62 @@ async fn import_rows(rows: u64, concurrency: u64) -> Figures {
     .unwrap();
     assert_eq!(sum.created, rows);
     m.stop(&s)
+}
+
+/// What sending creates oldest signup first costs: the same new rows,
+/// their signup dates scrambled, imported in the file's order, sorted
+/// (concurrent) and strict (creates one after another), each into a fresh
+/// sandbox process answering after `latency_ms` (0: as fast as it can).
+async fn order_cost(rows: u64, concurrency: u64, latency_ms: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("in.csv");
+    let mut text = String::from("email,first_name,joined\n");
+    for i in 0..rows {
+        let minute = (i * 7919) % rows;
+        text.push_str(&format!(
+            "{},First{i},{}\n",
+            bench_email(i),
+            1_700_000_000 + minute * 60
+        ));
+    }
+    std::fs::write(&csv, text).unwrap();
+    let map = dir.path().join("map.toml");
+    std::fs::write(
+        &map,
+        "order_by = \"profile.signed_up_at\"\n[columns]\n\"joined\" = { to = \"profile.signed_up_at\", date = [\"epoch\"] }\n",
+    )
+    .unwrap();
+    let latency = format!("{latency_ms}:{latency_ms}");
+    for order in [Order::File, Order::Sorted, Order::Strict] {
+        let mut args = vec!["--rate-scale", "0"];
+        if latency_ms > 0 {
+            args.extend(["--latency-ms", latency.as_str()]);
+        }
+        let s = SandboxProcess::start(&args);
+        let ck = dir.path().join(format!("{}.sqlite", order.name()));
+        let mut o = ImportOptions::new("1", Source::File(csv.clone()), ck);
+        o.concurrency = concurrency as usize;
+        o.mode = Mode::Create;
+        o.map = Some(map.clone());
+        o.order = Some(order);
+        let m = Measure::start(&s);
+        let sum = import(
+            &unlimited(&s.base_url),
+            &o,
+            Stop::default(),
+            Arc::new(Silent),
+        )
+        .await
+        .unwrap();
+        assert_eq!(sum.created, rows);
+        let f = m.stop(&s);
+        println!(
+            "order {}: {:.0} rows/s creating {rows} rows (concurrency {concurrency}, sandbox latency {latency_ms} ms); {}",
+            order.name(),
+            rows as f64 / f.secs,
+            f.describe(rows)
+        );
+    }
 }
 
 /// Row `i`'s email. Distinct, in no order (as a real waitlist's are): an
@@ -659,6 +717,7 @@ async fn main() {
         "limiter" => limiter(arg(2, 300)).await,
         "export-local" => export_local(arg(2, 100_000)).await,
         "sync" => sync_calls(arg(2, 10_000)).await,
+        "order" => order_cost(arg(2, 20_000), arg(3, 8), arg(4, 0)).await,
         _ => {
             eprintln!("usage: bench sandbox-rps|import|checkpoint|limiter|export-local [ARGS]");
             std::process::exit(2);
