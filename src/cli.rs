@@ -150,6 +150,36 @@ pub enum Command {
     Suppressions(SuppressionsCmd),
     /// Bulk: delete or check in users from a CSV (resumable).
     Testers(TestersCmd),
+    /// Keep a mirror current from Prefinery's webhooks (an HTTP server).
+    Listen(ListenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ListenArgs {
+    /// The mirror (SQLite export file) to keep current; created if absent.
+    #[arg(long, value_name = "FILE")]
+    pub mirror: PathBuf,
+    /// The project's webhook signing secret(s), one a line (several during a rotation).
+    #[arg(long, value_name = "PATH")]
+    pub secret_file: PathBuf,
+    /// Address to listen on (put a TLS-terminating proxy in front: Prefinery requires HTTPS).
+    #[arg(long, default_value = "127.0.0.1:8788", value_name = "ADDR:PORT")]
+    pub bind: String,
+    /// The path Prefinery posts to.
+    #[arg(long, default_value = "/prefinery", value_name = "PATH")]
+    pub path: String,
+    /// How far a signature's time may be from now, e.g. 5m.
+    #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub tolerance: Duration,
+    /// Events journalled and not yet applied past which deliveries are answered 429.
+    #[arg(long, default_value_t = 100_000, value_name = "N")]
+    pub max_pending: u64,
+    /// After Ctrl-C or SIGTERM, how long to go on applying what is journalled.
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub drain: Duration,
+    /// Write the bound port here once listening (with --bind ADDR:0).
+    #[arg(long, value_name = "PATH")]
+    pub port_file: Option<PathBuf>,
 }
 
 /// The flags every bulk operation takes (points, rewards, suppressions,

@@ -14,6 +14,7 @@ pub mod export;
 pub mod fsutil;
 pub mod import;
 pub mod input;
+pub mod listen;
 pub mod lock;
 pub mod mirror;
 pub mod ops;
@@ -35,6 +36,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Sandbox(a) => {
             cmd::sandbox::run(a).await?;
             Ok(Exit::Done)
+        }
+        Command::Listen(a) => {
+            let conn = config::Connection::from_args(&cli.global)?;
+            let beta = conn.require_beta()?.to_string();
+            cmd::listen::run(&conn.client(), a, &beta).await
         }
         Command::Demo(a) => cmd::demo::run(a, progress_for(&cli.global)).await,
         Command::Check => {

@@ -5,6 +5,7 @@ pub mod check;
 pub mod demo;
 pub mod export;
 pub mod import;
+pub mod listen;
 pub mod points;
 pub mod preset;
 pub mod rewards;
