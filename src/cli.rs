@@ -778,6 +778,24 @@ pub struct SandboxArgs {
     /// Add a total_count key to X-Pagination (the real key's name is unknown).
     #[arg(long)]
     pub total_key: bool,
+    /// Send a signed webhook to this URL for every state change (as Prefinery does).
+    #[arg(long, value_name = "URL")]
+    pub webhook_url: Option<String>,
+    /// The webhooks' signing secret (a rehearsal's, not a real project's).
+    #[arg(long, value_name = "SECRET", requires = "webhook_url")]
+    pub webhook_secret: Option<String>,
+    /// Probability that a webhook is delivered twice.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    pub webhook_duplicate_rate: f64,
+    /// Deliver waiting webhooks in shuffled order.
+    #[arg(long)]
+    pub webhook_reorder: bool,
+    /// A random delay before each delivery, MIN:MAX in milliseconds.
+    #[arg(long, value_name = "MIN:MAX")]
+    pub webhook_delay: Option<String>,
+    /// Divide Prefinery's webhook retry schedule (5 s + N^4 s) by this (default: --rate-scale, or 1 when it is 0).
+    #[arg(long, value_name = "F")]
+    pub webhook_retry_scale: Option<f64>,
 }
 
 #[derive(Debug, Args)]

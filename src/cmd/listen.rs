@@ -57,7 +57,9 @@ pub async fn run(client: &Client, a: &ListenArgs, beta: &str) -> anyhow::Result<
     let stop = listener.stopper();
     tokio::spawn(async move {
         wait_for_signal().await;
-        eprintln!("stopping: applying what is journalled (again to quit at once; the rest is applied at the next start)");
+        eprintln!(
+            "stopping: applying what is journalled (again to quit at once; the rest is applied at the next start)"
+        );
         stop.trigger();
         wait_for_signal().await;
         std::process::exit(Exit::Resumable.code());
@@ -65,7 +67,13 @@ pub async fn run(client: &Client, a: &ListenArgs, beta: &str) -> anyhow::Result<
     let s = listener.wait().await?;
     eprintln!(
         "stopped: {} deliveries accepted ({} duplicates), {} refused by signature, {} answered 429; journal: {} applied, {} pending, {} unknown",
-        s.received, s.duplicates, s.rejected_signature, s.refused_busy, s.applied, s.pending, s.unknown
+        s.received,
+        s.duplicates,
+        s.rejected_signature,
+        s.refused_busy,
+        s.applied,
+        s.pending,
+        s.unknown
     );
     Ok(Exit::Done)
 }

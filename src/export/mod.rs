@@ -532,12 +532,10 @@ async fn export_part(
     summary.complete = true;
     let mut sink = sink.lock().unwrap();
     summary.deleted = sink.finish(run, part, true, summary.consistent, last_pass_stable)?;
-    summary.differed = sink
-        .reconciliation(run)?
-        .map(|(new, changed)| Differed {
-            new,
-            changed,
-            gone: summary.deleted,
-        });
+    summary.differed = sink.reconciliation(run)?.map(|(new, changed)| Differed {
+        new,
+        changed,
+        gone: summary.deleted,
+    });
     Ok(summary)
 }

@@ -99,7 +99,9 @@ impl Applier {
             if stopped_at.is_some_and(|t| t.elapsed() > drain) {
                 let left = self.journal.counts()?.pending;
                 if left > 0 {
-                    tracing::warn!("stopping with {left} events pending: they are applied at the next start");
+                    tracing::warn!(
+                        "stopping with {left} events pending: they are applied at the next start"
+                    );
                 }
                 return Ok(());
             }
@@ -188,11 +190,21 @@ impl Applier {
         }
         if !unknown.is_empty() {
             self.journal.mark(&unknown, "unknown", None)?;
-            self.stats.unknown.fetch_add(unknown.len() as u64, Ordering::Relaxed);
+            self.stats
+                .unknown
+                .fetch_add(unknown.len() as u64, Ordering::Relaxed);
+            self.stats
+                .pending
+                .fetch_sub(unknown.len() as u64, Ordering::Relaxed);
         }
         if !gone.is_empty() {
             self.journal.mark(&gone, "applied", Some("no such user"))?;
-            self.stats.applied.fetch_add(gone.len() as u64, Ordering::Relaxed);
+            self.stats
+                .applied
+                .fetch_add(gone.len() as u64, Ordering::Relaxed);
+            self.stats
+                .pending
+                .fetch_sub(gone.len() as u64, Ordering::Relaxed);
         }
         let this = &*self;
         let results: Vec<(u64, Group, anyhow::Result<()>)> = futures::stream::iter(groups)
@@ -204,17 +216,14 @@ impl Applier {
             .collect()
             .await;
         let mut first_error = None;
+        let mut done = Vec::new();
         for (id, g, r) in results {
             match r {
-                Ok(()) => {
-                    let rows: Vec<_> = g
-                        .rows
+                Ok(()) => done.extend(
+                    g.rows
                         .iter()
-                        .map(|(row, ev)| (*row, ev.clone(), Some(id), g.email.clone()))
-                        .collect();
-                    self.journal.mark(&rows, "applied", None)?;
-                    self.stats.applied.fetch_add(rows.len() as u64, Ordering::Relaxed);
-                }
+                        .map(|(row, ev)| (*row, ev.clone(), Some(id), g.email.clone())),
+                ),
                 Err(e) => {
                     let ids: Vec<i64> = g.rows.iter().map(|r| r.0).collect();
                     let why = format!("{e:#}");
@@ -223,6 +232,15 @@ impl Applier {
                 }
             }
         }
+        // One commit for the batch: the mirror's writes came first, so a
+        // crash before it only means reading those users once more.
+        self.journal.mark(&done, "applied", None)?;
+        self.stats
+            .applied
+            .fetch_add(done.len() as u64, Ordering::Relaxed);
+        self.stats
+            .pending
+            .fetch_sub(done.len() as u64, Ordering::Relaxed);
         self.update_lag()?;
         match first_error {
             Some(e) => Err(e),
@@ -239,7 +257,11 @@ impl Applier {
         if let Some((id, _)) = self.mirror.tester_ref(self.beta_id, None, Some(email))? {
             return Ok(Some(id));
         }
-        Ok(self.client.find_tester(&self.beta, email).await?.map(|t| t.id))
+        Ok(self
+            .client
+            .find_tester(&self.beta, email)
+            .await?
+            .map(|t| t.id))
     }
 
     async fn apply_user(&self, id: u64, g: &Group) -> anyhow::Result<()> {

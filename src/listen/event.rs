@@ -173,7 +173,9 @@ fn user_of(v: &Value) -> (Option<u64>, Option<String>) {
     }
     for k in ["email", "tester_email", "user_email"] {
         if email.is_none() {
-            email = objs.iter().find_map(|(_, m)| m.get(k).and_then(email_value));
+            email = objs
+                .iter()
+                .find_map(|(_, m)| m.get(k).and_then(email_value));
         }
     }
     (id, email)
@@ -190,36 +192,60 @@ mod tests {
 
     #[test]
     fn the_sandbox_envelope() {
-        let i = it(json!({"id": "evt_1", "event": "tester_updated", "beta": {"id": 1},
-            "data": {"tester": {"id": 42, "email": "a@x.io", "status": "applied"}}}));
+        let i = it(
+            json!({"id": "evt_1", "event": "tester_updated", "beta": {"id": 1},
+            "data": {"tester": {"id": 42, "email": "a@x.io", "status": "applied"}}}),
+        );
         assert_eq!(i.event.as_deref(), Some("tester_updated"));
-        assert_eq!((i.kind, i.user_id, i.email.as_deref()), (Kind::Tester, Some(42), Some("a@x.io")));
+        assert_eq!(
+            (i.kind, i.user_id, i.email.as_deref()),
+            (Kind::Tester, Some(42), Some("a@x.io"))
+        );
     }
 
     #[test]
     fn other_shapes_are_read_too() {
         // Flat, with a dotted name.
         let i = it(json!({"type": "tester.created", "tester_id": "7"}));
-        assert_eq!((i.event.as_deref(), i.kind, i.user_id), (Some("tester_created"), Kind::Tester, Some(7)));
+        assert_eq!(
+            (i.event.as_deref(), i.kind, i.user_id),
+            (Some("tester_created"), Kind::Tester, Some(7))
+        );
         // The record at the top, an email only.
         let i = it(json!({"event_name": "tester_applied", "payload": {"email": "b@x.io"}}));
-        assert_eq!((i.kind, i.user_id, i.email.as_deref()), (Kind::Tester, None, Some("b@x.io")));
+        assert_eq!(
+            (i.kind, i.user_id, i.email.as_deref()),
+            (Kind::Tester, None, Some("b@x.io"))
+        );
         // A reward: its own id is not the user's.
-        let i = it(json!({"event": "reward_delivered", "reward": {"id": 900, "user_id": 12, "name": "Early access", "type": "SingleSided"}}));
+        let i = it(
+            json!({"event": "reward_delivered", "reward": {"id": 900, "user_id": 12, "name": "Early access", "type": "SingleSided"}}),
+        );
         assert_eq!((i.kind, i.user_id), (Kind::Rewards, Some(12)));
-        let i = it(json!({"event": "points_earned", "data": {"point": {"id": 5, "quantity": 3, "user_id": 9}}}));
+        let i = it(
+            json!({"event": "points_earned", "data": {"point": {"id": 5, "quantity": 3, "user_id": 9}}}),
+        );
         assert_eq!((i.kind, i.user_id), (Kind::Points, Some(9)));
     }
 
     #[test]
     fn what_cannot_be_read_is_unknown() {
-        assert_eq!(it(json!({"event": "project_updated", "beta": {"id": 1}})).kind, Kind::Unknown);
+        assert_eq!(
+            it(json!({"event": "project_updated", "beta": {"id": 1}})).kind,
+            Kind::Unknown
+        );
         let i = it(json!({"event": "survey_answered", "tester": {"id": 3}}));
-        assert_eq!((i.kind, i.event.as_deref()), (Kind::Unknown, Some("survey_answered")));
+        assert_eq!(
+            (i.kind, i.event.as_deref()),
+            (Kind::Unknown, Some("survey_answered"))
+        );
         // A tester event that names no user.
         assert_eq!(it(json!({"event": "tester_updated"})).kind, Kind::Unknown);
         assert_eq!(interpret(b"not json").kind, Kind::Unknown);
         // A reward's display name is not an event name.
-        assert_eq!(it(json!({"name": "Early access", "user_id": 1})).event, None);
+        assert_eq!(
+            it(json!({"name": "Early access", "user_id": 1})).event,
+            None
+        );
     }
 }

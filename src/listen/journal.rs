@@ -56,7 +56,7 @@ impl Writer {
         path: &Path,
         on_commit: impl Fn(usize) + Send + 'static,
     ) -> anyhow::Result<(Writer, std::thread::JoinHandle<()>)> {
-        let conn = open(path)?;
+        let mut conn = open(path)?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(LOCK_WAIT)?;
         let (tx, mut rx) = mpsc::channel::<Job>(QUEUE);
@@ -72,7 +72,7 @@ impl Writer {
                             Err(_) => break,
                         }
                     }
-                    match write(&conn, &jobs) {
+                    match write(&mut conn, &jobs) {
                         Ok(outcomes) => {
                             logged_failure = false;
                             let new = outcomes.iter().filter(|o| **o == Journalled::New).count();
@@ -110,8 +110,10 @@ impl Writer {
     }
 }
 
-fn write(conn: &Connection, jobs: &[Job]) -> anyhow::Result<Vec<Journalled>> {
-    let tx = conn.unchecked_transaction()?;
+fn write(conn: &mut Connection, jobs: &[Job]) -> anyhow::Result<Vec<Journalled>> {
+    // Immediate: the write lock is taken (or waited for) at BEGIN, never
+    // refused midway as a read upgraded to a write can be.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut out = Vec::with_capacity(jobs.len());
     {
         let mut ins = tx.prepare_cached(
@@ -154,6 +156,10 @@ pub struct Counts {
     pub unknown: u64,
 }
 
+/// What the applier made of an event: its row, the event name and the
+/// user (id, email) it found.
+pub type Outcome = (i64, Option<String>, Option<u64>, Option<String>);
+
 /// The applier's side: reads what is pending, records what it did.
 pub struct Reader {
     // Behind a lock so the applier's concurrent reads of users can share it.
@@ -164,6 +170,9 @@ impl Reader {
     pub fn open(path: &Path) -> anyhow::Result<Reader> {
         let conn = open(path)?;
         conn.busy_timeout(Duration::from_secs(30))?;
+        // What the applier records can be lost at a power cut without harm
+        // (the events are applied again); the WAL keeps it in order.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
         Ok(Reader {
             conn: std::sync::Mutex::new(conn),
         })
@@ -203,21 +212,23 @@ impl Reader {
 
     /// Records the outcome of events: `state` applied or unknown, with the
     /// event name and the user found.
-    pub fn mark(
-        &self,
-        rows: &[(i64, Option<String>, Option<u64>, Option<String>)],
-        state: &str,
-        note: Option<&str>,
-    ) -> anyhow::Result<()> {
-        let conn = self.conn.lock().unwrap();
-        let tx = conn.unchecked_transaction()?;
+    pub fn mark(&self, rows: &[Outcome], state: &str, note: Option<&str>) -> anyhow::Result<()> {
+        let mut conn = self.conn.lock().unwrap();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {
             let mut st = tx.prepare_cached(
                 "UPDATE webhook_events SET state = ?2, event = ?3, user_id = ?4, email = ?5, note = ?6,
                    applied_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now'), attempts = attempts + 1 WHERE id = ?1",
             )?;
             for (id, event, user, email) in rows {
-                st.execute(params![id, state, event, user.map(|u| u as i64), email, note])?;
+                st.execute(params![
+                    id,
+                    state,
+                    event,
+                    user.map(|u| u as i64),
+                    email,
+                    note
+                ])?;
             }
         }
         tx.commit()?;
@@ -226,8 +237,8 @@ impl Reader {
 
     /// Counts an attempt that failed; the events stay pending.
     pub fn failed(&self, ids: &[i64], why: &str) -> anyhow::Result<()> {
-        let conn = self.conn.lock().unwrap();
-        let tx = conn.unchecked_transaction()?;
+        let mut conn = self.conn.lock().unwrap();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for id in ids {
             tx.execute(
                 "UPDATE webhook_events SET attempts = attempts + 1, note = ?2 WHERE id = ?1",

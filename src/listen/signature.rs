@@ -112,7 +112,7 @@ pub fn verify(
 }
 
 fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || s.is_empty() {
+    if !s.len().is_multiple_of(2) || s.is_empty() {
         return None;
     }
     (0..s.len())
@@ -159,7 +159,10 @@ mod tests {
         }
         let good = sign("new", now, body);
         // Other schemes are ignored; several v1 entries, one good, pass.
-        let mixed = format!("t={now},v0=abcd,v1=00ff,{}", &good[good.find("v1").unwrap()..]);
+        let mixed = format!(
+            "t={now},v0=abcd,v1=00ff,{}",
+            &good[good.find("v1").unwrap()..]
+        );
         assert_eq!(verify(Some(mixed.as_bytes()), body, &s, now, MIN5), Ok(now));
         // A changed body, a wrong secret, an old time, no header.
         assert_eq!(
@@ -177,7 +180,13 @@ mod tests {
         );
         assert_eq!(verify(None, body, &s, now, MIN5), Err(Refused::Missing));
         assert_eq!(
-            verify(Some(format!("t={now},v0=ab").as_bytes()), body, &s, now, MIN5),
+            verify(
+                Some(format!("t={now},v0=ab").as_bytes()),
+                body,
+                &s,
+                now,
+                MIN5
+            ),
             Err(Refused::Malformed)
         );
     }

@@ -56,6 +56,10 @@ impl Mirror {
             .with_context(|| format!("failed to open the mirror {}", path.display()))?;
         conn.busy_timeout(Duration::from_secs(30))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
+        // As the export writes it: a power cut may lose the last writes
+        // back, never the file's consistency; the next listing (or, for
+        // the listener, the journal) brings them back.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
         Ok(Mirror {
             conn: Mutex::new(conn),
             path: path.to_path_buf(),
@@ -158,8 +162,11 @@ impl Mirror {
         };
         let s = |k: &str| t.get(k).and_then(Value::as_str).map(str::to_string);
         let now = iso8601(SystemTime::now());
-        let conn = self.conn.lock().unwrap();
-        let tx = conn.unchecked_transaction()?;
+        let mut conn = self.conn.lock().unwrap();
+        // Immediate: the write lock is waited for at BEGIN (a read upgraded
+        // to a write midway is refused at once when another connection
+        // wrote, as the listener's journal does all the time).
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         if let Some(email) = s("email") {
             tx.execute(
                 "UPDATE testers SET deleted_at = ?4 WHERE beta_id = ?1 AND email_key = lower(?2) AND id != ?3 AND deleted_at IS NULL",
@@ -238,8 +245,11 @@ impl Mirror {
         let ph: Vec<String> = (0..cols.len()).map(|i| format!("?{}", i + 5)).collect();
         let upd: Vec<String> = cols.iter().map(|c| format!("{c} = excluded.{c}")).collect();
         let now = iso8601(SystemTime::now());
-        let conn = self.conn.lock().unwrap();
-        let tx = conn.unchecked_transaction()?;
+        let mut conn = self.conn.lock().unwrap();
+        // Immediate: the write lock is waited for at BEGIN (a read upgraded
+        // to a write midway is refused at once when another connection
+        // wrote, as the listener's journal does all the time).
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut ids = Vec::new();
         {
             let mut ins = tx.prepare_cached(&format!(
@@ -256,8 +266,12 @@ impl Mirror {
                     continue;
                 };
                 ids.push(id);
-                let mut values: Vec<rusqlite::types::Value> =
-                    vec![beta_id.into(), id.into(), item.to_string().into(), now.clone().into()];
+                let mut values: Vec<rusqlite::types::Value> = vec![
+                    beta_id.into(),
+                    id.into(),
+                    item.to_string().into(),
+                    now.clone().into(),
+                ];
                 for c in &cols {
                     values.push(match item.get(*c) {
                         Some(Value::String(s)) => s.clone().into(),
