@@ -11,6 +11,7 @@
 //! cargo run --release --example bench -- export-local [USERS]
 //! cargo run --release --example bench -- sync [ROWS]
 //! cargo run --release --example bench -- order [ROWS] [CONCURRENCY] [LATENCY_MS]
+//! cargo run --release --example bench -- listen [SECS] [CHANGES_PER_SEC]
 //! ```
 
 use std::sync::Arc;
@@ -718,9 +719,234 @@ async fn main() {
         "export-local" => export_local(arg(2, 100_000)).await,
         "sync" => sync_calls(arg(2, 10_000)).await,
         "order" => order_cost(arg(2, 20_000), arg(3, 8), arg(4, 0)).await,
+        "listen" => listen(arg(2, 20), arg(3, 50)).await,
         _ => {
             eprintln!("usage: bench sandbox-rps|import|checkpoint|limiter|export-local [ARGS]");
             std::process::exit(2);
         }
     }
+}
+
+/// `prefsync listen`: deliveries accepted per second (signature checked and
+/// journalled with fsync), then the mirror's lag behind a sandbox changing
+/// `rate` users a second for `secs` seconds, and the API calls per change.
+async fn listen(secs: u64, rate: u64) {
+    use prefsync::listen::signature::sign;
+    use prefsync::listen::{ListenConfig, Listener, Secrets};
+    const SECRET: &str = "bench-secret";
+    let config = |mirror: std::path::PathBuf| ListenConfig {
+        mirror,
+        beta: "1".into(),
+        secrets: Secrets::from_text(SECRET).unwrap(),
+        path: "/prefinery".into(),
+        tolerance: Duration::from_secs(300),
+        max_pending: u64::MAX,
+        drain: Duration::from_secs(30),
+    };
+
+    // 1. Accepted deliveries per second: 32 senders, distinct bodies of an
+    // event kind the applier keeps as unknown (no API call).
+    let s = Sandbox::start(
+        SandboxConfig {
+            rate_scale: 0.0,
+            ..Default::default()
+        },
+        0,
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = Listener::start(
+        config(dir.path().join("accept.sqlite")),
+        unlimited(&s.base_url()),
+        tcp,
+    )
+    .await
+    .unwrap();
+    let url = format!("http://{}/prefinery", l.addr);
+    let http = reqwest::Client::new();
+    let done = Arc::new(AtomicU64::new(0));
+    let n = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let (http, url, done, n) = (http.clone(), url.clone(), done.clone(), n.clone());
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let i = n.fetch_add(1, Ordering::Relaxed);
+                    let body = format!(
+                        r#"{{"id":"evt_{i}","event":"bench_ping","created_at":"2026-01-01T00:00:00Z","data":{{"n":{i},"pad":"{}"}}}}"#,
+                        "x".repeat(600)
+                    );
+                    let t = prefsync::listen::now_unix();
+                    let r = http
+                        .post(&url)
+                        .header("x-prefinery-signature", sign(SECRET, t, body.as_bytes()))
+                        .body(body)
+                        .send()
+                        .await;
+                    if r.is_ok_and(|r| r.status() == 200) {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let accepted = done.load(Ordering::Relaxed);
+    println!(
+        "listen: {:.0} deliveries/s accepted (signature checked, journalled with fsync; 32 senders, ~700-byte bodies, {accepted} in {:.1}s)",
+        accepted as f64 / start.elapsed().as_secs_f64(),
+        start.elapsed().as_secs_f64()
+    );
+    l.shutdown().await.unwrap();
+    s.shutdown().await;
+
+    // 2. Lag under a steady load: `rate` updates a second, round-robin over
+    // 200 users, each setting the user's first name to its sequence number.
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = dir.path().join("mirror.sqlite");
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let s = Sandbox::start(
+        SandboxConfig {
+            rate_scale: 0.0,
+            seed_testers: 200,
+            webhook: Some(prefsync::sandbox::WebhookConfig {
+                url: format!("http://{addr}/prefinery"),
+                secret: SECRET.into(),
+                duplicate_rate: 0.0,
+                reorder: false,
+                delay_ms: None,
+                retry_scale: 60.0,
+                timeout: Duration::from_secs(15),
+            }),
+            ..Default::default()
+        },
+        0,
+    )
+    .await
+    .unwrap();
+    let listener_client = unlimited(&s.base_url());
+    let l = Listener::start(config(mirror.clone()), listener_client.clone(), tcp)
+        .await
+        .unwrap();
+    let total = secs * rate;
+    let sent_at: Arc<std::sync::Mutex<Vec<Option<Instant>>>> =
+        Arc::new(std::sync::Mutex::new(vec![None; total as usize]));
+    let lag: Arc<std::sync::Mutex<Vec<Option<Duration>>>> =
+        Arc::new(std::sync::Mutex::new(vec![None; total as usize]));
+    // The poller: reads every user's first name from the mirror.
+    let poll_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let (mirror, sent_at, lag, poll_done) = (
+            mirror.clone(),
+            sent_at.clone(),
+            lag.clone(),
+            poll_done.clone(),
+        );
+        std::thread::spawn(move || {
+            let c = rusqlite::Connection::open(&mirror).unwrap();
+            let mut last_seen = std::collections::HashMap::<i64, i64>::new();
+            while !poll_done.load(Ordering::Relaxed) {
+                let now = Instant::now();
+                let mut st = c
+                    .prepare_cached(
+                        "SELECT id, json_extract(record, '$.profile.first_name') FROM testers",
+                    )
+                    .unwrap();
+                let rows: Vec<(i64, Option<String>)> = st
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect();
+                let sent = sent_at.lock().unwrap();
+                let mut lag = lag.lock().unwrap();
+                for (id, name) in rows {
+                    let Some(seq) = name.and_then(|n| n.strip_prefix('v')?.parse::<i64>().ok())
+                    else {
+                        continue;
+                    };
+                    let from = last_seen.get(&id).copied().unwrap_or(-1);
+                    // Every change of this user up to `seq` is in the mirror.
+                    let mut k = seq;
+                    while k > from {
+                        if let Some(at) = sent[k as usize]
+                            && lag[k as usize].is_none()
+                        {
+                            lag[k as usize] = Some(now.saturating_duration_since(at));
+                        }
+                        k -= 200;
+                    }
+                    last_seen.insert(id, seq);
+                }
+                drop((sent, lag));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let client = unlimited(&s.base_url());
+    let ids: Arc<Vec<u64>> = Arc::new(
+        s.app
+            .with_world(|w| w.project(1).users.keys().copied().collect()),
+    );
+    assert_eq!(ids.len(), 200);
+    let every = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = tokio::time::Instant::now();
+    let mut inflight = Vec::new();
+    for seq in 0..total {
+        tokio::time::sleep_until(start + every * seq as u32).await;
+        let (client, sent_at, ids) = (client.clone(), sent_at.clone(), ids.clone());
+        inflight.push(tokio::spawn(async move {
+            let id = ids[(seq % 200) as usize];
+            let body =
+                serde_json::json!({"tester": {"profile": {"first_name": format!("v{seq}")}}});
+            // Taken before the call: the change exists from some moment
+            // during it, so the lag counts the call's time too.
+            sent_at.lock().unwrap()[seq as usize] = Some(Instant::now());
+            client
+                .call(
+                    prefsync::api::Op::TesterUpdate,
+                    Some("1"),
+                    &format!("betas/1/testers/{id}.json"),
+                    &[],
+                    Some(&body),
+                )
+                .await
+                .unwrap();
+        }));
+    }
+    for t in inflight {
+        t.await.unwrap();
+    }
+    let last = Instant::now();
+    while lag.lock().unwrap().iter().any(Option::is_none) {
+        assert!(
+            last.elapsed() < Duration::from_secs(120),
+            "the mirror did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let caught_up = last.elapsed();
+    poll_done.store(true, Ordering::Relaxed);
+    poller.join().unwrap();
+    let st = l.shutdown().await.unwrap();
+    let mut lags: Vec<Duration> = lag.lock().unwrap().iter().map(|l| l.unwrap()).collect();
+    lags.sort();
+    let pct = |p: f64| lags[((lags.len() - 1) as f64 * p) as usize].as_secs_f64() * 1000.0;
+    let calls = listener_client.stats().requests.load(Ordering::Relaxed);
+    println!(
+        "listen: {total} changes at {rate}/s: lag change -> mirror p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms; caught up {:.0} ms after the last change; {calls} API calls ({:.2} a change; {} events applied)",
+        pct(0.5),
+        pct(0.95),
+        pct(1.0),
+        caught_up.as_secs_f64() * 1000.0,
+        calls as f64 / total as f64,
+        st.applied
+    );
+    s.shutdown().await;
 }

@@ -115,6 +115,14 @@ macro_rules! exit_codes {
   3  the key was refused, or it lacks Projects > Read
   7  the API could not be reached"
     };
+    (listen) => {
+        "\n\nExit codes:
+  0  stopped cleanly (Ctrl-C or SIGTERM): what was journalled is applied or kept for the next start
+  1  internal error
+  2  usage or configuration error: a bad flag, no key, an unreadable secret file, an address in use
+  3  the key was refused
+  5  stopped at once by a second Ctrl-C or SIGTERM: the rest is applied at the next start"
+    };
     (local) => {
         "\n\nExit codes:
   0  done
@@ -379,6 +387,17 @@ Examples:
         exit_codes!(local)
     ))]
     Man(ManArgs),
+    /// Keep a mirror current from Prefinery's webhooks (an HTTP server).
+    #[command(after_help = concat!(
+        "Put a TLS-terminating proxy in front (Prefinery requires HTTPS); see the README, \
+\"Keeping a mirror current\".
+
+Examples:
+  prefsync listen --beta 12345 --mirror mirror.sqlite --secret-file /etc/prefsync/webhook-secret
+  prefsync listen --beta 12345 --mirror mirror.sqlite --secret-file secrets.txt --bind 0.0.0.0:8788",
+        exit_codes!(listen)
+    ))]
+    Listen(ListenArgs),
 }
 
 impl Command {
@@ -396,6 +415,7 @@ impl Command {
             Command::Rewards(a) => Some(&a.api),
             Command::Suppressions(a) => Some(&a.api),
             Command::Testers(a) => Some(&a.api),
+            Command::Listen(a) => Some(&a.api),
             Command::Sandbox(_)
             | Command::Demo(_)
             | Command::Runs(_)
@@ -458,6 +478,36 @@ pub struct ManArgs {
     /// folder [default: print prefsync.1 on stdout].
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ListenArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// The mirror (SQLite export file) to keep current; created if absent.
+    #[arg(long, value_name = "FILE")]
+    pub mirror: PathBuf,
+    /// The project's webhook signing secret(s), one a line (several during a rotation).
+    #[arg(long, value_name = "PATH")]
+    pub secret_file: PathBuf,
+    /// Address to listen on (put a TLS-terminating proxy in front: Prefinery requires HTTPS).
+    #[arg(long, default_value = "127.0.0.1:8788", value_name = "ADDR:PORT")]
+    pub bind: String,
+    /// The path Prefinery posts to.
+    #[arg(long, default_value = "/prefinery", value_name = "PATH")]
+    pub path: String,
+    /// How far a signature's time may be from now, e.g. 5m.
+    #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub tolerance: Duration,
+    /// Events journalled and not yet applied past which deliveries are answered 429.
+    #[arg(long, default_value_t = 100_000, value_name = "N")]
+    pub max_pending: u64,
+    /// After Ctrl-C or SIGTERM, how long to go on applying what is journalled.
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub drain: Duration,
+    /// Write the bound port here once listening (with --bind ADDR:0).
+    #[arg(long, value_name = "PATH")]
+    pub port_file: Option<PathBuf>,
 }
 
 /// The flags every bulk operation takes (points, rewards, suppressions,
@@ -1144,6 +1194,24 @@ pub struct SandboxArgs {
     /// Add a total_count key to X-Pagination (the real key's name is unknown).
     #[arg(long)]
     pub total_key: bool,
+    /// Send a signed webhook to this URL for every state change (as Prefinery does).
+    #[arg(long, value_name = "URL")]
+    pub webhook_url: Option<String>,
+    /// The webhooks' signing secret (a rehearsal's, not a real project's).
+    #[arg(long, value_name = "SECRET", requires = "webhook_url")]
+    pub webhook_secret: Option<String>,
+    /// Probability that a webhook is delivered twice.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    pub webhook_duplicate_rate: f64,
+    /// Deliver waiting webhooks in shuffled order.
+    #[arg(long)]
+    pub webhook_reorder: bool,
+    /// A random delay before each delivery, MIN:MAX in milliseconds.
+    #[arg(long, value_name = "MIN:MAX")]
+    pub webhook_delay: Option<String>,
+    /// Divide Prefinery's webhook retry schedule (5 s + N^4 s) by this (default: --rate-scale, or 1 when it is 0).
+    #[arg(long, value_name = "F")]
+    pub webhook_retry_scale: Option<f64>,
 }
 
 #[derive(Debug, Args)]

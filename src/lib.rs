@@ -14,6 +14,7 @@ pub mod export;
 pub mod fsutil;
 pub mod import;
 pub mod input;
+pub mod listen;
 pub mod lock;
 pub mod mirror;
 pub mod ops;
@@ -55,6 +56,11 @@ async fn run_command(cli: &Cli, conn: Option<&config::Connection>) -> anyhow::Re
         Command::Sandbox(a) => {
             cmd::sandbox::run(a).await?;
             Ok(Exit::Done)
+        }
+        Command::Listen(a) => {
+            let conn = conn()?;
+            let beta = conn.require_beta()?.to_string();
+            cmd::listen::run(&conn.client(), a, &beta).await
         }
         Command::Demo(a) => cmd::demo::run(a, progress()).await,
         Command::Completions(a) => cmd::docs::completions(a, &mut std::io::stdout().lock()),

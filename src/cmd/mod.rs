@@ -6,6 +6,7 @@ pub mod demo;
 pub mod docs;
 pub mod export;
 pub mod import;
+pub mod listen;
 pub mod points;
 pub mod preset;
 pub mod rewards;

@@ -4,27 +4,47 @@ use anyhow::Context;
 
 use crate::cli::SandboxArgs;
 use crate::exit::usage;
-use crate::sandbox::{Keys, Sandbox, SandboxConfig};
+use crate::sandbox::{Keys, Sandbox, SandboxConfig, WebhookConfig};
 
 pub fn config_from_args(a: &SandboxArgs) -> anyhow::Result<SandboxConfig> {
     let keys = match &a.keys {
         Some(p) => Keys::from_file(p).map_err(|e| usage(format!("{e:#}")))?,
         None => Keys::default(),
     };
-    let latency_ms = match &a.latency_ms {
+    let latency_ms = min_max("--latency-ms", a.latency_ms.as_deref())?;
+    let webhook = match &a.webhook_url {
         None => None,
-        Some(s) => {
-            let parsed = s
-                .split_once(':')
-                .and_then(|(lo, hi)| Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?)));
-            match parsed {
-                Some((lo, hi)) if lo <= hi => Some((lo, hi)),
-                _ => {
-                    return Err(usage(format!(
-                        "invalid --latency-ms {s:?}: expected MIN:MAX in milliseconds, e.g. 5:20"
-                    )));
-                }
+        Some(url) => {
+            let Some(secret) = a.webhook_secret.clone() else {
+                return Err(usage("--webhook-url needs --webhook-secret"));
+            };
+            if !(0.0..=1.0).contains(&a.webhook_duplicate_rate) {
+                return Err(usage(format!(
+                    "invalid --webhook-duplicate-rate {}: expected a probability from 0 to 1",
+                    a.webhook_duplicate_rate
+                )));
             }
+            let retry_scale = a.webhook_retry_scale.unwrap_or(if a.rate_scale > 0.0 {
+                a.rate_scale
+            } else {
+                1.0
+            });
+            if !(retry_scale > 0.0 && retry_scale.is_finite()) {
+                return Err(usage(
+                    "invalid --webhook-retry-scale: expected a positive factor",
+                ));
+            }
+            Some(WebhookConfig {
+                url: url::Url::parse(url)
+                    .map_err(|e| usage(format!("invalid --webhook-url {url:?}: {e}")))?
+                    .to_string(),
+                secret,
+                duplicate_rate: a.webhook_duplicate_rate,
+                reorder: a.webhook_reorder,
+                delay_ms: min_max("--webhook-delay", a.webhook_delay.as_deref())?,
+                retry_scale,
+                timeout: std::time::Duration::from_secs(15),
+            })
         }
     };
     for (name, p) in [
@@ -57,7 +77,24 @@ pub fn config_from_args(a: &SandboxArgs) -> anyhow::Result<SandboxConfig> {
         seed_testers: a.seed_testers,
         state_path: a.state.clone(),
         total_key: a.total_key,
+        webhook,
     })
+}
+
+/// `MIN:MAX` in milliseconds.
+fn min_max(flag: &str, s: Option<&str>) -> anyhow::Result<Option<(u64, u64)>> {
+    let Some(s) = s else {
+        return Ok(None);
+    };
+    let parsed = s
+        .split_once(':')
+        .and_then(|(lo, hi)| Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?)));
+    match parsed {
+        Some((lo, hi)) if lo <= hi => Ok(Some((lo, hi))),
+        _ => Err(usage(format!(
+            "invalid {flag} {s:?}: expected MIN:MAX in milliseconds, e.g. 5:20"
+        ))),
+    }
 }
 
 pub async fn run(a: &SandboxArgs) -> anyhow::Result<()> {

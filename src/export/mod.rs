@@ -93,6 +93,27 @@ pub struct PartSummary {
     pub reread: bool,
     pub deleted: u64,
     pub resumed_from_page: u64,
+    /// Users in a SQLite mirror: how many records the listing found
+    /// otherwise than the mirror held them (what webhooks had written, with
+    /// `prefsync listen`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub differed: Option<Differed>,
+}
+
+/// The reconciliation figure of a listing of users into a mirror: records
+/// the mirror lacked (`new`), held with other fields (`changed`, waitlist
+/// positions aside) or held though they are gone (`gone`, marked deleted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Differed {
+    pub new: u64,
+    pub changed: u64,
+    pub gone: u64,
+}
+
+impl Differed {
+    pub fn total(&self) -> u64 {
+        self.new + self.changed + self.gone
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -154,6 +175,16 @@ impl std::fmt::Display for ExportSummary {
                     String::new()
                 },
             )?;
+            if let Some(d) = p.differed {
+                writeln!(
+                    f,
+                    "    reconciliation: {} records differed from the mirror ({} new to it, {} changed, {} gone)",
+                    d.total(),
+                    d.new,
+                    d.changed,
+                    d.gone
+                )?;
+            }
         }
         writeln!(
             f,
@@ -411,6 +442,7 @@ async fn export_part(
         reread,
         deleted: 0,
         resumed_from_page: first_page,
+        differed: None,
     };
     let class = match part.resource {
         Resource::Testers => Some(RateClass::TestersList),
@@ -537,9 +569,12 @@ async fn export_part(
     // CSV or JSONL file may also hold some that left while it was read (a
     // SQLite export marks them deleted): not a snapshot.
     summary.complete = true;
-    summary.deleted =
-        sink.lock()
-            .unwrap()
-            .finish(run, part, true, summary.consistent, last_pass_stable)?;
+    let mut sink = sink.lock().unwrap();
+    summary.deleted = sink.finish(run, part, true, summary.consistent, last_pass_stable)?;
+    summary.differed = sink.reconciliation(run)?.map(|(new, changed)| Differed {
+        new,
+        changed,
+        gone: summary.deleted,
+    });
     Ok(summary)
 }

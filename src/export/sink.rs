@@ -25,7 +25,10 @@ use crate::time::iso8601;
 
 /// The version of both the SQLite export and the CSV/JSONL checkpoint.
 /// 2: `list_sizes` and `reread` on `export_runs` and `export_files`.
-pub const EXPORT_SCHEMA_VERSION: i64 = 3;
+/// 3: the mirror of sync (`email_key`, `projects`).
+/// 4: the webhook journal (`webhook_events`) and the reconciliation figures
+/// on `export_runs`.
+pub const EXPORT_SCHEMA_VERSION: i64 = 4;
 
 /// A list's size as `X-Pagination` tells it: pages, and records if known.
 pub type ListSize = (u64, Option<u64>);
@@ -139,6 +142,11 @@ pub trait Sink: Send {
     ) -> anyhow::Result<u64>;
     /// Makes the output final (renames files into place).
     fn close(&mut self) -> anyhow::Result<()>;
+    /// For a listing of users into a mirror: the records new to it and the
+    /// records changed, as counted by the run's pages.
+    fn reconciliation(&mut self, _run: i64) -> anyhow::Result<Option<(u64, u64)>> {
+        Ok(None)
+    }
     /// Keeps a project's UID beside its numeric id, where the output has a
     /// place for it (the SQLite mirror).
     fn note_project(
@@ -205,6 +213,7 @@ impl SqliteSink {
                 (1, Self::schema_v1()),
                 (2, Self::migrate_v2().into()),
                 (3, Self::migrate_v3().into()),
+                (4, Self::migrate_v4().into()),
             ],
         )?;
         Ok(SqliteSink { conn })
@@ -293,6 +302,60 @@ impl SqliteSink {
          CREATE TABLE IF NOT EXISTS projects (beta_id INTEGER PRIMARY KEY, uid TEXT, name TEXT);
          INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', '3');"
     }
+
+    /// Version 4: the mirror is kept current by `prefsync listen`.
+    /// `webhook_events` is its journal: every delivery it accepted, durable
+    /// before it answered 200 (raw body, when it came, the signature's
+    /// time, the body's SHA-256 for duplicates), and what the applier made
+    /// of it (`state`: pending, applied or unknown; unknown ones are kept).
+    /// `export_runs` counts, for a listing of users, the records that
+    /// differed from what the mirror held: new to it, or changed (see
+    /// [`differs`]); the records a complete listing found gone are its
+    /// `deleted`.
+    fn migrate_v4() -> &'static str {
+        "CREATE TABLE IF NOT EXISTS webhook_events (
+            id INTEGER PRIMARY KEY,
+            received_at TEXT NOT NULL,
+            signed_at INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            body BLOB NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending',
+            event TEXT,
+            user_id INTEGER,
+            email TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            applied_at TEXT,
+            note TEXT
+         );
+         CREATE UNIQUE INDEX IF NOT EXISTS webhook_events_sha256 ON webhook_events(sha256);
+         CREATE INDEX IF NOT EXISTS webhook_events_state ON webhook_events(state, id);
+         ALTER TABLE export_runs ADD COLUMN differed_new INTEGER NOT NULL DEFAULT 0;
+         ALTER TABLE export_runs ADD COLUMN differed_changed INTEGER NOT NULL DEFAULT 0;
+         INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', '4');"
+    }
+}
+
+/// The fields of a user that change with no webhook: Prefinery sends none
+/// when a waitlist position moves (API reference, section 8), so a mirror
+/// kept by webhooks holds the positions of each user's last event. They are
+/// left out when a listing is compared with the mirror.
+pub const UNANNOUNCED_FIELDS: [&str; 4] = [
+    "waitlist_position",
+    "waitlist_ahead",
+    "waitlist_behind",
+    "waitlist_length",
+];
+
+/// Whether two records of a user differ, but for [`UNANNOUNCED_FIELDS`].
+pub fn differs(a: &Value, b: &Value) -> bool {
+    match (a.as_object(), b.as_object()) {
+        (Some(a), Some(b)) => {
+            let keys = a.keys().chain(b.keys());
+            keys.filter(|k| !UNANNOUNCED_FIELDS.contains(&k.as_str()))
+                .any(|k| a.get(k) != b.get(k))
+        }
+        _ => a != b,
+    }
 }
 
 impl Sink for SqliteSink {
@@ -369,9 +432,15 @@ impl Sink for SqliteSink {
         let now = now_iso();
         let tx = self.conn.transaction()?;
         let mut new = 0;
+        // The reconciliation figures (users only): records this listing
+        // sees for the first time in the run that the mirror lacked, or
+        // held otherwise while not newer than the listing's.
+        let (mut differed_new, mut differed_changed) = (0i64, 0i64);
+        let reconcile = r == Resource::Testers;
         {
             let mut seen = tx.prepare_cached(&format!(
-                "SELECT last_seen_run FROM {t} WHERE beta_id = ?1 AND id = ?2"
+                "SELECT last_seen_run, CASE WHEN ?3 THEN record END, deleted_at, {upd} FROM {t} WHERE beta_id = ?1 AND id = ?2",
+                upd = if cols.contains(&"updated_at") { "updated_at" } else { "NULL" }
             ))?;
             let mut ins = tx.prepare_cached(&sql)?;
             // An email belongs to one user of a project: another user with
@@ -390,9 +459,13 @@ impl Sink for SqliteSink {
                 {
                     gone.execute(params![part.beta_id, email, id, now])?;
                 }
-                let last: Option<i64> = seen
-                    .query_row(params![part.beta_id, id], |r| r.get(0))
+                type Held = (i64, Option<String>, Option<String>, Option<String>);
+                let held: Option<Held> = seen
+                    .query_row(params![part.beta_id, id, reconcile], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })
                     .optional()?;
+                let last = held.as_ref().map(|h| h.0);
                 if last == Some(run) {
                     continue;
                 }
@@ -400,6 +473,25 @@ impl Sink for SqliteSink {
                 // written again (it is still there), but not new.
                 if last != Some(-run) {
                     new += 1;
+                    if reconcile {
+                        match &held {
+                            None | Some((_, _, Some(_), _)) => differed_new += 1,
+                            Some((_, record, None, updated)) => {
+                                let theirs = item.get("updated_at").and_then(Value::as_str);
+                                // A mirror record newer than the page was
+                                // written after the page was read: not a
+                                // difference the webhooks left.
+                                let mirror_newer = matches!((updated.as_deref(), theirs), (Some(m), Some(l)) if m > l);
+                                let held: Value = record
+                                    .as_deref()
+                                    .and_then(|r| serde_json::from_str(r).ok())
+                                    .unwrap_or(Value::Null);
+                                if !mirror_newer && differs(&held, item) {
+                                    differed_changed += 1;
+                                }
+                            }
+                        }
+                    }
                 }
                 let mut values: Vec<rusqlite::types::Value> = vec![
                     part.beta_id.into(),
@@ -425,8 +517,16 @@ impl Sink for SqliteSink {
             }
         }
         tx.execute(
-            "UPDATE export_runs SET next_page = ?2, rows = rows + ?3, list_sizes = ?4 WHERE id = ?1",
-            params![run, next_page as i64, new as i64, serde_json::to_string(sizes)?],
+            "UPDATE export_runs SET next_page = ?2, rows = rows + ?3, list_sizes = ?4,
+               differed_new = differed_new + ?5, differed_changed = differed_changed + ?6 WHERE id = ?1",
+            params![
+                run,
+                next_page as i64,
+                new as i64,
+                serde_json::to_string(sizes)?,
+                differed_new,
+                differed_changed
+            ],
         )?;
         tx.commit()?;
         Ok(new)
@@ -504,6 +604,15 @@ impl Sink for SqliteSink {
         self.conn
             .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
         Ok(())
+    }
+
+    fn reconciliation(&mut self, run: i64) -> anyhow::Result<Option<(u64, u64)>> {
+        let (resource, new, changed): (String, i64, i64) = self.conn.query_row(
+            "SELECT resource, differed_new, differed_changed FROM export_runs WHERE id = ?1",
+            [run],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        Ok((resource == Resource::Testers.name()).then_some((new as u64, changed as u64)))
     }
 
     /// Notes a project's UID beside its numeric id.
@@ -964,7 +1073,78 @@ mod tests {
                 |r| Ok((r.get(1)?, r.get(0)?)),
             )
             .unwrap();
-        assert_eq!((v, meta.as_str()), (EXPORT_SCHEMA_VERSION, "3"));
+        assert_eq!((v, meta.as_str()), (EXPORT_SCHEMA_VERSION, "4"));
+    }
+
+    /// A version 3 mirror (what prefsync wrote before `listen`) opens: it
+    /// is migrated to version 4, keeps its users and runs, gains the
+    /// webhook journal, and a listing into it counts what differed.
+    #[test]
+    fn a_version_3_mirror_opens_and_gains_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v3.sqlite");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&SqliteSink::schema_v1()).unwrap();
+            conn.execute_batch(SqliteSink::migrate_v2()).unwrap();
+            conn.execute_batch(SqliteSink::migrate_v3()).unwrap();
+            conn.pragma_update(None, "user_version", 3).unwrap();
+            conn.execute(
+                "INSERT INTO testers (beta_id, id, email, status, updated_at, record, first_seen_at, last_seen_at, last_seen_run)
+                 VALUES (1, 7, 'a@x.io', 'applied', '2026-01-01T00:00:00Z',
+                   '{\"id\":7,\"email\":\"a@x.io\",\"status\":\"applied\",\"updated_at\":\"2026-01-01T00:00:00Z\",\"waitlist_position\":3}', 'then', 'then', 1)",
+                [],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO export_runs (beta_id, resource, filters, started_at, complete) VALUES (1, 'testers', '', 'then', 1)",
+                [],
+            )
+            .unwrap();
+        }
+        let mut sink = SqliteSink::open(&path).unwrap();
+        let (v, events, runs): (i64, i64, i64) = sink
+            .conn
+            .query_row(
+                "SELECT user_version, (SELECT count(*) FROM webhook_events), (SELECT count(*) FROM export_runs) FROM pragma_user_version",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!((v, events, runs), (4, 0, 1));
+        let part = Part {
+            beta_id: 1,
+            resource: Resource::Testers,
+            filters: String::new(),
+        };
+        let run = sink.start(&part, false).unwrap().run;
+        // User 7 moved in the waitlist only (not a difference), user 8 is
+        // new, and user 7 again in a later page is not counted twice.
+        let page = [
+            serde_json::json!({"id": 7, "email": "a@x.io", "status": "applied", "updated_at": "2026-01-01T00:00:00Z", "waitlist_position": 1}),
+            serde_json::json!({"id": 8, "email": "b@x.io", "status": "applied", "updated_at": "2026-01-01T00:00:00Z"}),
+        ];
+        sink.page(run, &part, &page, 2, &[]).unwrap();
+        let changed = serde_json::json!({"id": 7, "email": "a@x.io", "status": "invited", "updated_at": "2026-01-02T00:00:00Z"});
+        sink.page(run, &part, &[changed], 3, &[]).unwrap();
+        sink.finish(run, &part, true, true, true).unwrap();
+        assert_eq!(sink.reconciliation(run).unwrap(), Some((1, 0)));
+        // A second listing: user 7 changed since the last one (the
+        // webhooks missed it), user 8 unchanged.
+        let run = sink.start(&part, false).unwrap().run;
+        sink.page(
+            run,
+            &part,
+            &[
+                serde_json::json!({"id": 7, "email": "a@x.io", "status": "active", "updated_at": "2026-01-03T00:00:00Z"}),
+                page[1].clone(),
+            ],
+            2,
+            &[],
+        )
+        .unwrap();
+        sink.finish(run, &part, true, true, true).unwrap();
+        assert_eq!(sink.reconciliation(run).unwrap(), Some((0, 1)));
     }
 
     #[test]

@@ -56,6 +56,10 @@ impl Mirror {
             .with_context(|| format!("failed to open the mirror {}", path.display()))?;
         conn.busy_timeout(Duration::from_secs(30))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
+        // As the export writes it: a power cut may lose the last writes
+        // back, never the file's consistency; the next listing (or, for
+        // the listener, the journal) brings them back.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
         Ok(Mirror {
             conn: Mutex::new(conn),
             path: path.to_path_buf(),
@@ -158,8 +162,11 @@ impl Mirror {
         };
         let s = |k: &str| t.get(k).and_then(Value::as_str).map(str::to_string);
         let now = iso8601(SystemTime::now());
-        let conn = self.conn.lock().unwrap();
-        let tx = conn.unchecked_transaction()?;
+        let mut conn = self.conn.lock().unwrap();
+        // Immediate: the write lock is waited for at BEGIN (a read upgraded
+        // to a write midway is refused at once when another connection
+        // wrote, as the listener's journal does all the time).
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         if let Some(email) = s("email") {
             tx.execute(
                 "UPDATE testers SET deleted_at = ?4 WHERE beta_id = ?1 AND email_key = lower(?2) AND id != ?3 AND deleted_at IS NULL",
@@ -188,6 +195,118 @@ impl Mirror {
             ],
         )?;
         tx.commit()?;
+        Ok(())
+    }
+
+    /// The id and email of a user the mirror holds (not deleted), by id or
+    /// by email.
+    pub fn tester_ref(
+        &self,
+        beta_id: i64,
+        id: Option<u64>,
+        email: Option<&str>,
+    ) -> anyhow::Result<Option<(u64, Option<String>)>> {
+        let conn = self.conn.lock().unwrap();
+        let row = match (id, email) {
+            (Some(id), _) => conn
+                .query_row(
+                    "SELECT id, email FROM testers WHERE beta_id = ?1 AND id = ?2",
+                    params![beta_id, id as i64],
+                    |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+                )
+                .optional()?,
+            (None, Some(e)) => conn
+                .query_row(
+                    "SELECT id, email FROM testers WHERE beta_id = ?1 AND email_key = lower(?2) AND deleted_at IS NULL",
+                    params![beta_id, e],
+                    |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+                )
+                .optional()?,
+            (None, None) => None,
+        };
+        Ok(row)
+    }
+
+    /// Replaces what the mirror holds of one user's rewards or points with
+    /// `items`, the whole list of them as the API gives it now (a list
+    /// filtered by the user's email): each is written, and the user's
+    /// records it lacks are marked deleted.
+    pub fn replace_user_records(
+        &self,
+        beta_id: i64,
+        resource: crate::export::Resource,
+        user_id: u64,
+        items: &[Value],
+    ) -> anyhow::Result<()> {
+        use crate::export::Resource;
+        assert!(matches!(resource, Resource::Rewards | Resource::Points));
+        let t = resource.name();
+        let cols: Vec<&str> = resource.sql_columns().iter().map(|(c, _)| *c).collect();
+        let ph: Vec<String> = (0..cols.len()).map(|i| format!("?{}", i + 5)).collect();
+        let upd: Vec<String> = cols.iter().map(|c| format!("{c} = excluded.{c}")).collect();
+        let now = iso8601(SystemTime::now());
+        let mut conn = self.conn.lock().unwrap();
+        // Immediate: the write lock is waited for at BEGIN (a read upgraded
+        // to a write midway is refused at once when another connection
+        // wrote, as the listener's journal does all the time).
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut ids = Vec::new();
+        {
+            let mut ins = tx.prepare_cached(&format!(
+                "INSERT INTO {t} (beta_id, id, record, first_seen_at, last_seen_at, last_seen_run, {cols})
+                 VALUES (?1, ?2, ?3, ?4, ?4, 0, {ph})
+                 ON CONFLICT (beta_id, id) DO UPDATE SET record = excluded.record,
+                   last_seen_at = excluded.last_seen_at, deleted_at = NULL, {upd}",
+                cols = cols.join(", "),
+                ph = ph.join(", "),
+                upd = upd.join(", ")
+            ))?;
+            for item in items {
+                let Some(id) = item.get("id").and_then(Value::as_i64) else {
+                    continue;
+                };
+                ids.push(id);
+                let mut values: Vec<rusqlite::types::Value> = vec![
+                    beta_id.into(),
+                    id.into(),
+                    item.to_string().into(),
+                    now.clone().into(),
+                ];
+                for c in &cols {
+                    values.push(match item.get(*c) {
+                        Some(Value::String(s)) => s.clone().into(),
+                        Some(Value::Number(n)) => n
+                            .as_i64()
+                            .map(Into::into)
+                            .unwrap_or_else(|| n.to_string().into()),
+                        Some(Value::Bool(b)) => i64::from(*b).into(),
+                        None | Some(Value::Null) => rusqlite::types::Value::Null,
+                        Some(other) => other.to_string().into(),
+                    });
+                }
+                ins.execute(rusqlite::params_from_iter(values))?;
+            }
+        }
+        let keep = serde_json::to_string(&ids)?;
+        tx.execute(
+            &format!(
+                "UPDATE {t} SET deleted_at = ?4 WHERE beta_id = ?1 AND user_id = ?2 AND deleted_at IS NULL
+                   AND id NOT IN (SELECT value FROM json_each(?3))"
+            ),
+            params![beta_id, user_id as i64, keep, now],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Marks deleted the user the mirror holds with this email (a user the
+    /// API no longer has).
+    pub fn mark_deleted_email(&self, beta_id: i64, email: &str) -> anyhow::Result<()> {
+        let conn = self.conn.lock().unwrap();
+        conn.execute(
+            "UPDATE testers SET deleted_at = ?3 WHERE beta_id = ?1 AND email_key = lower(?2) AND deleted_at IS NULL",
+            params![beta_id, email, iso8601(SystemTime::now())],
+        )?;
         Ok(())
     }
 

@@ -11,6 +11,7 @@ mod faults;
 mod keys;
 mod limits;
 mod routes;
+pub mod webhooks;
 pub mod world;
 
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 
 pub use keys::{DEFAULT_KEY, KeySpec, Keys, Permission};
+pub use webhooks::{WebhookConfig, WebhookStats};
 pub use world::World;
 
 /// How the sandbox behaves. `Default` is a well-behaved server that accepts
@@ -53,6 +55,8 @@ pub struct SandboxConfig {
     pub state_path: Option<PathBuf>,
     /// Add a `total_count` key to `X-Pagination` (the real key is unknown).
     pub total_key: bool,
+    /// Send webhooks for every state change (off when unset).
+    pub webhook: Option<WebhookConfig>,
 }
 
 impl Default for SandboxConfig {
@@ -71,6 +75,7 @@ impl Default for SandboxConfig {
             seed_testers: 0,
             state_path: None,
             total_key: false,
+            webhook: None,
         }
     }
 }
@@ -82,6 +87,8 @@ pub struct App {
     pub limits: limits::Limits,
     pub faults: faults::Faults,
     pub stats: limits::Stats,
+    /// The webhook sender, when `webhook` is set.
+    pub webhooks: Option<webhooks::Webhooks>,
     dirty: std::sync::atomic::AtomicBool,
 }
 
@@ -94,10 +101,16 @@ impl App {
         if config.seed_testers > 0 && world.project(1).users.is_empty() {
             world.seed_testers(1, config.seed_testers);
         }
+        // Seeding is no change a webhook announces.
+        let webhooks = config.webhook.clone().map(|w| {
+            world.changes = Some(Vec::new());
+            webhooks::Webhooks::start(w, config.seed)
+        });
         Ok(Arc::new(App {
             limits: limits::Limits::new(config.rate_scale, config.write_limit),
             faults: faults::Faults::new(&config),
             stats: limits::Stats::default(),
+            webhooks,
             world: Mutex::new(world),
             config,
             dirty: std::sync::atomic::AtomicBool::new(true),
@@ -132,6 +145,22 @@ impl App {
             [json],
         )?;
         Ok(())
+    }
+
+    /// Hands the changes a request made to the webhook sender (a no-op
+    /// when webhooks are off).
+    pub fn announce(&self, w: &mut World) {
+        if let (Some(hooks), Some(changes)) = (&self.webhooks, w.changes.as_mut())
+            && !changes.is_empty()
+        {
+            let changes = std::mem::take(changes);
+            hooks.send(changes, |b| {
+                w.projects
+                    .get(&b)
+                    .map(|p| p.uid.clone())
+                    .unwrap_or_default()
+            });
+        }
     }
 
     fn touched(&self) {

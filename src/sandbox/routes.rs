@@ -27,12 +27,19 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/__sandbox/stats", get(admin_stats))
         .route("/__sandbox/outbox", get(admin_outbox))
         .route("/__sandbox/state", get(admin_state))
+        .route("/__sandbox/webhooks", get(admin_webhooks))
         .fallback(api)
         .with_state(app)
 }
 
 async fn admin_stats(State(app): State<Arc<App>>) -> Response {
     axum::Json(app.stats_json()).into_response()
+}
+
+/// What the webhook sender did (`null` when webhooks are off).
+async fn admin_webhooks(State(app): State<Arc<App>>) -> Response {
+    let v = app.webhooks.as_ref().map(|h| h.stats.to_json());
+    axum::Json(v).into_response()
 }
 
 async fn admin_outbox(State(app): State<Arc<App>>) -> Response {
@@ -487,7 +494,9 @@ async fn handle(
 
     let result = {
         let mut w = app.world.lock().unwrap();
-        execute(&mut w, app.config.total_key, route, beta, query, &input)
+        let r = execute(&mut w, app.config.total_key, route, beta, query, &input);
+        app.announce(&mut w);
+        r
     };
     if route.write {
         app.touched();

@@ -375,6 +375,19 @@ pub struct World {
     pub projects: BTreeMap<u64, Project>,
     pub next_id: u64,
     pub outbox: Vec<Email>,
+    /// The state changes a webhook would announce, when webhooks are on
+    /// (`None`: not recorded). The routes take them after each request.
+    #[serde(skip)]
+    pub changes: Option<Vec<Change>>,
+}
+
+/// One state change, as a webhook announces it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub event: String,
+    pub beta: u64,
+    /// The objects the event is about (`tester`, `reward`, `point`).
+    pub data: Value,
 }
 
 fn valid_email(e: &str) -> bool {
@@ -550,6 +563,27 @@ impl World {
         self.projects.get_mut(&beta).unwrap().reindex();
     }
 
+    /// Records a change for the webhooks, if they are on. `data` is built
+    /// only then.
+    fn changed(&mut self, event: &str, beta: u64, data: impl FnOnce(&World) -> Value) {
+        if self.changes.is_some() {
+            let data = data(self);
+            if let Some(c) = self.changes.as_mut() {
+                c.push(Change {
+                    event: event.to_string(),
+                    beta,
+                    data,
+                });
+            }
+        }
+    }
+
+    /// A user's record as a webhook carries it.
+    fn tester_data(&self, beta: u64, id: u64) -> Value {
+        let p = self.project(beta);
+        json!({ "tester": p.users.get(&id).map(|u| p.user_json(u)) })
+    }
+
     fn send_email(&mut self, kind: &str, to: &str, beta: u64) {
         self.outbox.push(Email {
             kind: kind.into(),
@@ -634,6 +668,10 @@ impl World {
             "unconfirmed" => self.send_email("double_opt_in", &email, beta),
             _ => {}
         }
+        self.changed("tester_created", beta, |w| w.tester_data(beta, id));
+        self.changed(&format!("tester_{status}"), beta, |w| {
+            w.tester_data(beta, id)
+        });
         let p = self.project(beta);
         Ok(p.user_json(&p.users[&id]))
     }
@@ -714,12 +752,19 @@ impl World {
             p.by_email.insert(u.email.to_lowercase(), id);
         }
         let email = u.email.clone();
+        let new_status = (u.status != current.status).then(|| u.status.clone());
         p.users.insert(id, u);
         if was != is {
             p.set_waitlisted(id, is);
         }
         if let Some(kind) = email_kind {
             self.send_email(kind, &email, beta);
+        }
+        if changed {
+            self.changed("tester_updated", beta, |w| w.tester_data(beta, id));
+        }
+        if let Some(st) = new_status {
+            self.changed(&format!("tester_{st}"), beta, |w| w.tester_data(beta, id));
         }
         let p = self.project(beta);
         Ok(p.user_json(&p.users[&id]))
@@ -735,6 +780,11 @@ impl World {
         if u.status == "applied" {
             p.waitlist.add(id, -1);
         }
+        self.changed(
+            "tester_deleted",
+            beta,
+            |_| json!({ "tester": { "id": u.id, "email": u.email } }),
+        );
         Ok(())
     }
 
@@ -771,6 +821,7 @@ impl World {
         u.checkins_count += 1;
         u.last_checkin_at = Some(at.clone());
         u.updated_at = at;
+        self.changed("tester_checked_in", beta, |w| w.tester_data(beta, id));
         Ok(())
     }
 
@@ -800,6 +851,16 @@ impl World {
         };
         let v = serde_json::to_value(&rec).unwrap();
         self.projects.get_mut(&beta).unwrap().points.insert(id, rec);
+        let event = if quantity < 0 {
+            "points_revoked"
+        } else {
+            "points_earned"
+        };
+        self.changed(event, beta, |w| {
+            let mut d = w.tester_data(beta, user_id);
+            d["point"] = v.clone();
+            d
+        });
         Ok(v)
     }
 
@@ -840,6 +901,8 @@ impl World {
             && let Some(u) = user_id.and_then(|uid| p.users.get_mut(&uid))
         {
             u.unsubscribed_at = Some(at);
+            let uid = u.id;
+            self.changed("tester_unsubscribed", beta, |w| w.tester_data(beta, uid));
         }
         Ok(v)
     }
@@ -886,6 +949,11 @@ impl World {
             .unwrap()
             .rewards
             .insert(id, rec);
+        self.changed("reward_earned", beta, |w| {
+            let mut d = w.tester_data(beta, user_id);
+            d["reward"] = v.clone();
+            d
+        });
         Ok(v)
     }
 
@@ -905,14 +973,24 @@ impl World {
                 r.status
             )));
         }
-        if r.status != status {
+        let moved = r.status != status;
+        if moved {
             match status {
                 "delivered" => r.delivered_at = Some(now()),
                 _ => r.revoked_at = Some(now()),
             }
             r.status = status.to_string();
         }
-        Ok(serde_json::to_value(&*r).unwrap())
+        let v = serde_json::to_value(&*r).unwrap();
+        let user_id = r.user_id;
+        if moved {
+            self.changed(&format!("reward_{status}"), beta, |w| {
+                let mut d = w.tester_data(beta, user_id);
+                d["reward"] = v.clone();
+                d
+            });
+        }
+        Ok(v)
     }
 }
 
