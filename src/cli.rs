@@ -393,8 +393,8 @@ Examples:
 \"Keeping a mirror current\".
 
 Examples:
-  prefsync listen --beta 12345 --mirror mirror.sqlite --secret-file /etc/prefsync/webhook-secret
-  prefsync listen --beta 12345 --mirror mirror.sqlite --secret-file secrets.txt --bind 0.0.0.0:8788",
+  prefsync listen --beta 12345 --mirror mirror.sqlite --secret-file secret.txt
+  prefsync listen --beta 1 --mirror m.sqlite --secret-file s --bind 0.0.0.0:80",
         exit_codes!(listen)
     ))]
     Listen(ListenArgs),
@@ -505,7 +505,7 @@ pub struct ListenArgs {
     /// After Ctrl-C or SIGTERM, how long to go on applying what is journalled.
     #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub drain: Duration,
-    /// Write the bound port here once listening (with --bind ADDR:0).
+    /// Write the bound port here once listening (with --bind ADDR:0) [default: not written].
     #[arg(long, value_name = "PATH")]
     pub port_file: Option<PathBuf>,
 }
@@ -1194,10 +1194,12 @@ pub struct SandboxArgs {
     /// Add a total_count key to X-Pagination (the real key's name is unknown).
     #[arg(long)]
     pub total_key: bool,
-    /// Send a signed webhook to this URL for every state change (as Prefinery does).
+    /// Send a signed webhook to this URL for every state change (as Prefinery does) [default:
+    /// none are sent].
     #[arg(long, value_name = "URL")]
     pub webhook_url: Option<String>,
-    /// The webhooks' signing secret (a rehearsal's, not a real project's).
+    /// The webhooks' signing secret (a rehearsal's, not a real project's) [default: none;
+    /// needed with --webhook-url].
     #[arg(long, value_name = "SECRET", requires = "webhook_url")]
     pub webhook_secret: Option<String>,
     /// Probability that a webhook is delivered twice.
@@ -1206,10 +1208,11 @@ pub struct SandboxArgs {
     /// Deliver waiting webhooks in shuffled order.
     #[arg(long)]
     pub webhook_reorder: bool,
-    /// A random delay before each delivery, MIN:MAX in milliseconds.
+    /// A random delay before each delivery, MIN:MAX in milliseconds [default: none].
     #[arg(long, value_name = "MIN:MAX")]
     pub webhook_delay: Option<String>,
-    /// Divide Prefinery's webhook retry schedule (5 s + N^4 s) by this (default: --rate-scale, or 1 when it is 0).
+    /// Divide Prefinery's webhook retry schedule (5 s + N^4 s) by this [default: --rate-scale, or 1
+    /// when it is 0].
     #[arg(long, value_name = "F")]
     pub webhook_retry_scale: Option<f64>,
 }
