@@ -392,6 +392,7 @@ impl Operation for TestersImport {
                 &self.beta,
                 None,
                 p.stop,
+                p.progress,
             )
             .await?;
             tracing::info!(users = n, "listed the project");
