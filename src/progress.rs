@@ -25,7 +25,7 @@ pub const RATE_WINDOW: Duration = Duration::from_secs(20);
 /// The width a bar's line keeps within.
 pub const LINE_WIDTH: usize = 80;
 /// The bar itself, in columns.
-const BAR_WIDTH: usize = 16;
+const BAR_WIDTH: usize = 12;
 
 /// A view of a running phase, as its producer knows it. The displays
 /// derive the rate and the ETA from successive snapshots.
@@ -192,8 +192,8 @@ fn short_rate(r: f64) -> String {
 }
 
 /// The text beside the bar, within `width` columns: the counts always,
-/// then, as room allows, the limiter's state, the rate, the ETA, the
-/// records, the wait and the throttle count.
+/// then, as room allows, the limiter's state, the ETA, the records, the
+/// rate, the wait and the throttle count.
 fn bar_message(s: &Snapshot, rate: f64, eta: Option<Duration>, width: usize) -> String {
     let counts = if s.total > 0 {
         format!("{}/{} {}", s.done, s.total.max(s.done), s.unit)
@@ -219,7 +219,7 @@ fn bar_message(s: &Snapshot, rate: f64, eta: Option<Duration>, width: usize) -> 
         7,
         (s.throttled > 0).then(|| format!("throttled {}", s.throttled)),
     );
-    let priority = [0, 5, 2, 3, 1, 6, 7];
+    let priority = [0, 5, 3, 1, 2, 6, 7];
     let mut kept: Vec<&(usize, String)> = Vec::new();
     let mut used = 0;
     for rank in priority {
@@ -338,10 +338,10 @@ impl Bar {
 
     fn style(known_total: bool) -> indicatif::ProgressStyle {
         let t = if known_total {
-            "{prefix} {bar:16} {msg}"
+            "{prefix} {bar:12} {msg}"
         } else {
             // The bar's place, with a spinner instead of a 0/0 bar.
-            "{prefix} {spinner:<16} {msg}"
+            "{prefix} {spinner:<12} {msg}"
         };
         indicatif::ProgressStyle::with_template(t).expect("the template is valid")
     }
@@ -432,9 +432,10 @@ mod tests {
         assert_eq!(eta(100, 0.0, None), None);
     }
 
-    fn line(s: &Snapshot) -> String {
-        let (rate, eta, _) = Pace::new().see(s);
-        let msg = bar_message(s, rate.max(0.98), eta, message_width(s.phase));
+    /// The line drawn for `s` at `rate`.
+    fn line(s: &Snapshot, rate: f64) -> String {
+        let eta = eta(s.total - s.done, rate, s.ceiling);
+        let msg = bar_message(s, rate, eta, message_width(s.phase));
         // What indicatif draws: the prefix, the bar, the message.
         format!("{} {} {}", s.phase, "#".repeat(BAR_WIDTH), msg)
     }
@@ -490,7 +491,8 @@ mod tests {
             items: None,
         };
         for s in [&export, &listing, &sending] {
-            let l = line(s);
+            // A slow rate: the longest ETA.
+            let l = line(s, 0.98);
             assert!(
                 l.chars().count() <= LINE_WIDTH,
                 "{} columns: {l}",
@@ -502,12 +504,19 @@ mod tests {
             }
         }
         // With room, everything shows.
-        let l = line(&sending);
-        assert!(
-            l.contains("waited 12s") && l.contains("ETA") && l.contains("/s"),
-            "{l}"
+        let l = line(
+            &Snapshot {
+                done: 12_345,
+                total: 100_000,
+                ..sending.clone()
+            },
+            151.0,
         );
-        let l = line(&listing);
+        assert_eq!(
+            l,
+            "sending ############ 12345/100000 rows · 151/s · ETA 9m40s · waited 12s"
+        );
+        let l = line(&listing, 0.98);
         assert!(l.contains("10000/23300 users"), "{l}");
     }
 

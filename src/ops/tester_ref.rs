@@ -118,7 +118,9 @@ pub async fn listing_pages(client: &Client, beta: &str) -> Result<u64, ApiError>
 /// next page to list are committed together, so the same run resumed lists
 /// only the pages left (a user who moved across a page boundary in between
 /// is found by the lookup a `taken` answer or an update leads to, as for
-/// any listing that ages while a run goes on).
+/// any listing that ages while a run goes on). A listing that finished is
+/// done again by a resumed run: the rows it sent since changed the
+/// project.
 pub async fn list_into_known(
     client: &Client,
     ck: &Checkpoint,
@@ -128,18 +130,18 @@ pub async fn list_into_known(
     stop: &Stop,
     progress: &Subscribers,
 ) -> anyhow::Result<u64> {
-    let mark = ck.listing(run)?.unwrap_or(ListingMark {
-        next_page: Some(1),
-        pages_done: 0,
-        users: 0,
-    });
-    let Some(first) = mark.next_page else {
-        tracing::info!(
-            users = mark.users,
-            "the project was listed before this run stopped"
-        );
-        return Ok(mark.users);
-    };
+    // A listing left unfinished is taken up where it stopped: nothing was
+    // sent since it began (a run sends only once its listing is done). A
+    // finished one is not: the run sent rows since, and lists afresh.
+    let mark = ck
+        .listing(run)?
+        .filter(|m| m.next_page.is_some())
+        .unwrap_or(ListingMark {
+            next_page: Some(1),
+            pages_done: 0,
+            users: 0,
+        });
+    let first = mark.next_page.unwrap_or(1);
     if first > 1 {
         tracing::info!(
             pages_done = mark.pages_done,
@@ -161,7 +163,8 @@ pub async fn list_into_known(
     };
     let mut mark = mark;
     let mut total = 0u64;
-    feed.send(&mark, total);
+    let mut users = None;
+    feed.send(&mark, total, users);
     loop {
         let page = tokio::select! {
             biased;
@@ -181,6 +184,8 @@ pub async fn list_into_known(
         let Some(page) = page else { break };
         let page = page?;
         if let Some(p) = &page.pagination {
+            // Stored users are those the rows name, when some are wanted.
+            users = p.total.filter(|_| wanted.is_none());
             total = p
                 .pages
                 .or_else(|| {
@@ -223,7 +228,7 @@ pub async fn list_into_known(
         });
         ck.set_listing(run, &mark)?;
         ck.commit()?;
-        feed.send(&mark, total);
+        feed.send(&mark, total, users);
     }
     if mark.next_page.is_some() {
         mark.next_page = None;
@@ -240,7 +245,8 @@ struct ListingFeed<'a> {
 }
 
 impl ListingFeed<'_> {
-    fn send(&self, mark: &ListingMark, total: u64) {
+    /// `total` pages and `users` in the project, when the header tells.
+    fn send(&self, mark: &ListingMark, total: u64, users: Option<u64>) {
         let limiter = self.client.limiter();
         let snapshot = Snapshot {
             phase: "listing",
@@ -261,7 +267,7 @@ impl ListingFeed<'_> {
                 .map(|q| f64::from(q.count) / q.period.as_secs_f64()),
             items: Some(Items {
                 done: mark.users,
-                total: None,
+                total: users,
                 approximate: false,
                 unit: "users",
             }),
