@@ -1408,12 +1408,49 @@ impl Checkpoint {
         Ok(v)
     }
 
+    /// How far the run's listing of the project got (see
+    /// [`ListingMark`]); `None` before it began.
+    pub fn listing(&self, run: i64) -> anyhow::Result<Option<ListingMark>> {
+        let v: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [format!("listing:{run}")],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(v.and_then(|v| serde_json::from_str(&v).ok()))
+    }
+
+    /// Records how far the listing got; in the transaction that stores
+    /// the page's users, so the two never disagree.
+    pub fn set_listing(&self, run: i64, mark: &ListingMark) -> anyhow::Result<()> {
+        self.conn
+            .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
+            .execute(params![
+                format!("listing:{run}"),
+                serde_json::to_string(mark).expect("a mark serialises")
+            ])?;
+        Ok(())
+    }
+
     pub fn known(&self, run: i64, email: &str) -> anyhow::Result<Option<String>> {
         let mut st = self
             .conn
             .prepare_cached("SELECT record FROM known WHERE run_id = ?1 AND key = ?2")?;
         Ok(st.query_row(params![run, email], |r| r.get(0)).optional()?)
     }
+}
+
+/// How far a run's listing of the project got: a run resumed lists from
+/// `next_page`, its users of the pages before already in `known`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ListingMark {
+    /// The next page to list; `None` once the listing is complete.
+    pub next_page: Option<u64>,
+    pub pages_done: u64,
+    /// Users stored so far.
+    pub users: u64,
 }
 
 #[cfg(test)]

@@ -40,6 +40,8 @@ pub(super) const WORK_CHUNK: usize = 8;
 
 /// How often progress is sent to the subscribers at most.
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+/// Progress is sent at least this often, rows finishing or not.
+const PROGRESS_TICK: Duration = Duration::from_secs(1);
 
 /// One row handed to a worker.
 #[derive(Debug)]
@@ -272,7 +274,6 @@ pub(super) struct ProgressFeed {
     pub total: u64,
     /// Rows finished, this run and before.
     pub done: u64,
-    pub done_at_start: u64,
     pub last: Option<Instant>,
 }
 
@@ -283,30 +284,23 @@ impl ProgressFeed {
             return;
         }
         self.last = Some(Instant::now());
-        let elapsed = self.started.elapsed();
-        let rate = (self.done - self.done_at_start) as f64 / elapsed.as_secs_f64().max(0.001);
-        let left = self.total.saturating_sub(self.done);
-        // When each row needs a limited call, the limit, not the speed so
-        // far, bounds the ETA.
-        let limit_rate = self.cost.class.and_then(|class| {
-            self.client.limiter().quota(class).map(|q| {
+        // When each row needs a limited call, the limit bounds the ETA.
+        let limiter = self.client.limiter();
+        let ceiling = self.cost.class.and_then(|class| {
+            limiter.quota(class).map(|q| {
                 f64::from(q.count) / q.period.as_secs_f64() / self.cost.calls_per_row.max(0.001)
             })
         });
-        let eff = match limit_rate {
-            Some(l) if rate > 0.0 => rate.min(l),
-            Some(l) => l,
-            None => rate,
-        };
-        let stats = self.client.stats();
         let snapshot = Snapshot {
+            phase: "sending",
             done: self.done,
             total: self.total,
             unit: "rows",
-            elapsed,
-            limiter_wait: Duration::from_millis(stats.limiter_wait_ms.load(Ordering::Relaxed)),
-            throttled: stats.throttled.load(Ordering::Relaxed),
-            eta: (eff > 0.0).then(|| Duration::from_secs_f64(left as f64 / eff)),
+            elapsed: self.started.elapsed(),
+            limiter_wait: limiter.waited(),
+            throttled: self.client.stats().throttled.load(Ordering::Relaxed),
+            state: limiter.condition(),
+            ceiling,
             items: None,
         };
         // A display that fails does not stop the run.
@@ -397,6 +391,9 @@ pub(super) async fn coordinate<O: Operation>(
                 }
                 () = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => {}
                 () = stop.wait(), if !stopped && !ready.is_empty() => {}
+                // While every worker waits (a pause), the display still
+                // hears how things stand.
+                () = tokio::time::sleep(PROGRESS_TICK) => progress.finished(0),
             }
             continue;
         }

@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 
 use crate::api::{ApiError, Client, RateClass};
 use crate::checkpoint::{Checkpoint, RowUpdate};
-use crate::exit::usage;
+use crate::exit::{StoppedError, usage};
 use crate::input::{CsvInput, Encoding, Source};
 use crate::lock::RunLock;
 use crate::stop::Stop;
@@ -162,7 +162,12 @@ pub struct Prepare<'a> {
     /// Of those, rows that were in flight when the last run stopped.
     pub in_flight: u64,
     pub dry_run: bool,
+    /// Stopping (the time budget, Ctrl-C): a long preparation (a listing)
+    /// returns a [`crate::exit::StoppedError`], and the run ends as a
+    /// stopped one, resumable.
     pub stop: &'a Stop,
+    /// For the progress of a long preparation (a listing: its own phase).
+    pub progress: &'a Subscribers,
 }
 
 /// What an operation supplies; the engine owns everything else. Methods
@@ -540,6 +545,15 @@ pub fn default_plan_path(checkpoint: &Path) -> PathBuf {
     checkpoint.with_file_name(format!("{stem}.dry-run.csv"))
 }
 
+/// The `--max-duration` timer of a run, stopped when the run returns.
+struct Budget(tokio::task::JoinHandle<()>);
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Rows planned per checkpoint transaction.
 const PLAN_BATCH: usize = 5_000;
 
@@ -554,6 +568,10 @@ pub async fn run<O: Operation>(
     subscribers: Subscribers,
 ) -> anyhow::Result<(RunSummary, Arc<O>)> {
     let started = Instant::now();
+    // --max-duration stops the run cleanly, whatever phase it is in (a
+    // listing before the first row included); the budget ends with the
+    // run, however it returns.
+    let budget = opts.max_duration.map(|d| Budget(stop.after(d)));
     let stats = client.stats();
     let before_calls = (
         stats.requests.load(Ordering::Relaxed),
@@ -791,15 +809,26 @@ pub async fn run<O: Operation>(
     } else {
         before.pending
     };
-    op.prepare(Prepare {
-        checkpoint: &ck,
-        run,
-        open,
-        in_flight: before.sending,
-        dry_run: opts.dry_run,
-        stop: &stop,
-    })
-    .await?;
+    let prepared = op
+        .prepare(Prepare {
+            checkpoint: &ck,
+            run,
+            open,
+            in_flight: before.sending,
+            dry_run: opts.dry_run,
+            stop: &stop,
+            progress: &subscribers,
+        })
+        .await;
+    match prepared {
+        // Stopped while preparing (a listing, by the time budget or
+        // Ctrl-C): the run goes on to the end of a stopped run, handing
+        // nothing out, and is resumed as any other.
+        Err(e) if stop.is_set() && e.downcast_ref::<StoppedError>().is_some() => {
+            tracing::warn!("{e}");
+        }
+        other => other?,
+    }
     let op = Arc::new(op);
     subscribers.send(&Event::Started {
         kind: op.kind(),
@@ -841,7 +870,6 @@ pub async fn run<O: Operation>(
             started,
             total: total_rows,
             done: before.finished(),
-            done_at_start: before.finished(),
             last: None,
         };
         tokio::spawn(coordinator::coordinate(
@@ -854,8 +882,6 @@ pub async fn run<O: Operation>(
         ))
     };
 
-    // --max-duration stops the run cleanly.
-    let timer = opts.max_duration.map(|d| stop.after(d));
     let fatal = worker::work_all(
         client.clone(),
         op.clone(),
@@ -865,9 +891,7 @@ pub async fn run<O: Operation>(
         stop.clone(),
     )
     .await?;
-    if let Some(t) = timer {
-        t.abort();
-    }
+    drop(budget);
     let (ck, read_all) = coordinator.await.context("the coordinator panicked")??;
     // A single pass that read the whole input has planned every row.
     if single_pass && read_all {

@@ -519,16 +519,16 @@ async fn export_part(
                 .and_then(|c| client.limiter().quota(c))
                 .map(|q| f64::from(q.count) / q.period.as_secs_f64());
             let _ = shared.progress.event(&Event::Progress(&Snapshot {
+                phase: "exporting",
                 done,
                 total,
                 unit: "pages",
                 elapsed: shared.started.elapsed(),
-                limiter_wait: Duration::from_millis(
-                    client.stats().limiter_wait_ms.load(Ordering::Relaxed),
-                ),
+                limiter_wait: client.limiter().waited(),
                 throttled: client.stats().throttled.load(Ordering::Relaxed),
+                state: client.limiter().condition(),
                 // The quota is the ceiling: 60 pages a minute is 1,500 users.
-                eta: quota.map(|q| Duration::from_secs_f64(total.saturating_sub(done) as f64 / q)),
+                ceiling: quota,
                 items: Some(Items {
                     done: rows,
                     total: Some(shared.records_total.load(Ordering::Relaxed)).filter(|t| *t > 0),

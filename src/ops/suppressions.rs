@@ -230,6 +230,7 @@ impl Operation for SuppressionsAdd {
                 &self.beta,
                 Some(&self.unsubscribing),
                 p.stop,
+                p.progress,
             )
             .await?;
             for e in &self.unsubscribing {

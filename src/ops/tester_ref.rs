@@ -9,11 +9,13 @@ use std::collections::HashSet;
 use futures::StreamExt as _;
 use serde_json::Value;
 
-use crate::api::{ApiError, Client, Op, PAGE_SIZE};
-use crate::checkpoint::Checkpoint;
+use crate::api::{ApiError, Client, Op, PAGE_SIZE, RateClass};
+use crate::checkpoint::{Checkpoint, ListingMark};
+use crate::engine::events::{Event, Subscribers};
 use crate::exit::{StoppedError, usage};
 use crate::import::mapping::{email_key, email_problem};
 use crate::input::Columns;
+use crate::progress::{Items, Snapshot};
 use crate::stop::Stop;
 
 /// How a row names its user.
@@ -108,7 +110,17 @@ pub async fn listing_pages(client: &Client, beta: &str) -> Result<u64, ApiError>
 
 /// Lists the project once and stores in the checkpoint each user a row
 /// names: by email (every user, when `wanted` is `None`), and by id when
-/// `wanted` holds that id.
+/// `wanted` holds that id. Returns the users stored.
+///
+/// A phase of its own: it sends progress (pages of total, users, the
+/// limiter's wait and state), stops at once on `stop` (the time budget,
+/// Ctrl-C) with a [`StoppedError`], and resumes: each page's users and the
+/// next page to list are committed together, so the same run resumed lists
+/// only the pages left (a user who moved across a page boundary in between
+/// is found by the lookup a `taken` answer or an update leads to, as for
+/// any listing that ages while a run goes on). A listing that finished is
+/// done again by a resumed run: the rows it sent since changed the
+/// project.
 pub async fn list_into_known(
     client: &Client,
     ck: &Checkpoint,
@@ -116,22 +128,74 @@ pub async fn list_into_known(
     beta: &str,
     wanted: Option<&HashSet<String>>,
     stop: &Stop,
+    progress: &Subscribers,
 ) -> anyhow::Result<u64> {
+    // A listing left unfinished is taken up where it stopped: nothing was
+    // sent since it began (a run sends only once its listing is done). A
+    // finished one is not: the run sent rows since, and lists afresh.
+    let mark = ck
+        .listing(run)?
+        .filter(|m| m.next_page.is_some())
+        .unwrap_or(ListingMark {
+            next_page: Some(1),
+            pages_done: 0,
+            users: 0,
+        });
+    let first = mark.next_page.unwrap_or(1);
+    if first > 1 {
+        tracing::info!(
+            pages_done = mark.pages_done,
+            users = mark.users,
+            "resuming the listing of the project at page {first}"
+        );
+    }
     let mut pages = std::pin::pin!(client.pages::<Value>(
         Op::TestersList,
         Some(beta.to_string()),
         format!("betas/{beta}/testers.json"),
         vec![],
-        1
+        first
     ));
-    let mut n = 0u64;
-    while let Some(page) = pages.next().await {
-        if stop.is_set() {
-            return Err(anyhow::Error::new(StoppedError(
-                "stopped while listing the project".into(),
-            )));
-        }
+    let feed = ListingFeed {
+        client,
+        progress,
+        started: std::time::Instant::now(),
+    };
+    let mut mark = mark;
+    let mut total = 0u64;
+    let mut users = None;
+    feed.send(&mark, total, users);
+    loop {
+        let page = tokio::select! {
+            biased;
+            // A page under way is dropped: it is a read, and the next run
+            // asks for it again.
+            () = stop.wait() => {
+                return Err(anyhow::Error::new(StoppedError(format!(
+                    "stopped while listing the project ({} pages done{}, {} users); \
+                     run the same command again to resume the listing",
+                    mark.pages_done,
+                    if total > 0 { format!(" of {total}") } else { String::new() },
+                    mark.users
+                ))));
+            }
+            page = pages.next() => page,
+        };
+        let Some(page) = page else { break };
         let page = page?;
+        if let Some(p) = &page.pagination {
+            // Stored users are those the rows name, when some are wanted.
+            users = p.total.filter(|_| wanted.is_none());
+            total = p
+                .pages
+                .or_else(|| {
+                    Some(
+                        p.total?
+                            .div_ceil(p.per_page.unwrap_or(PAGE_SIZE as u64).max(1)),
+                    )
+                })
+                .unwrap_or(total);
+        }
         ck.begin()?;
         for t in &page.items {
             let (Some(email), Some(id)) = (
@@ -144,17 +208,73 @@ pub async fn list_into_known(
             let by_email = email_key(email);
             if wanted.is_none_or(|w| w.contains(&by_email)) {
                 ck.store_known(run, &by_email, id, &record)?;
-                n += 1;
+                mark.users += 1;
             }
             let by_id = id.to_string();
             if wanted.is_some_and(|w| w.contains(&by_id)) {
                 ck.store_known(run, &by_id, id, &record)?;
-                n += 1;
+                mark.users += 1;
             }
         }
+        mark.pages_done += 1;
+        // As the page stream goes on: the header's next page, else the one
+        // after.
+        mark.next_page = (!page.last).then(|| {
+            page.pagination
+                .as_ref()
+                .and_then(|p| p.next_page)
+                .filter(|n| *n > page.number)
+                .unwrap_or(page.number + 1)
+        });
+        ck.set_listing(run, &mark)?;
         ck.commit()?;
+        feed.send(&mark, total, users);
     }
-    Ok(n)
+    if mark.next_page.is_some() {
+        mark.next_page = None;
+        ck.set_listing(run, &mark)?;
+    }
+    Ok(mark.users)
+}
+
+/// The listing's progress, as a phase of the run.
+struct ListingFeed<'a> {
+    client: &'a Client,
+    progress: &'a Subscribers,
+    started: std::time::Instant,
+}
+
+impl ListingFeed<'_> {
+    /// `total` pages and `users` in the project, when the header tells.
+    fn send(&self, mark: &ListingMark, total: u64, users: Option<u64>) {
+        let limiter = self.client.limiter();
+        let snapshot = Snapshot {
+            phase: "listing",
+            done: mark.pages_done,
+            total: total.max(mark.pages_done),
+            unit: "pages",
+            elapsed: self.started.elapsed(),
+            limiter_wait: limiter.waited(),
+            throttled: self
+                .client
+                .stats()
+                .throttled
+                .load(std::sync::atomic::Ordering::Relaxed),
+            state: limiter.condition(),
+            // One testers-list call a page.
+            ceiling: limiter
+                .quota(RateClass::TestersList)
+                .map(|q| f64::from(q.count) / q.period.as_secs_f64()),
+            items: Some(Items {
+                done: mark.users,
+                total: users,
+                approximate: false,
+                unit: "users",
+            }),
+        };
+        // A display that fails does not stop the run.
+        let _ = self.progress.send(&Event::Progress(&snapshot));
+    }
 }
 
 #[cfg(test)]

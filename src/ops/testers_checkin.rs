@@ -187,6 +187,7 @@ impl Operation for TestersCheckin {
                 &self.beta,
                 None,
                 p.stop,
+                p.progress,
             )
             .await?;
         }

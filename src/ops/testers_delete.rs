@@ -97,6 +97,7 @@ impl TestersDelete {
                 &self.beta,
                 Some(todo),
                 p.stop,
+                p.progress,
             )
             .await?;
         }

@@ -579,6 +579,7 @@ impl Operation for TestersImport {
                 &self.beta,
                 None,
                 p.stop,
+                p.progress,
             )
             .await?;
             tracing::info!(users = n, "listed the project");
