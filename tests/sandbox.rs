@@ -359,20 +359,24 @@ async fn reads_survive_random_failures_and_drops() {
 }
 
 /// The limiter against the sandbox enforcing the documented testers-list
-/// limit at 60x (60 per second): nothing throttled, no window over the
-/// limit, and at least 97% of the quota used.
+/// limit at 15x (60 per 4 s): nothing throttled, no window over the limit,
+/// and at least 97% of the quota used. One page at a time: at 60x (a call
+/// every 17 ms) a debug build's round trip on a loaded 2-core machine
+/// outlasted the interval now and then, and a slot missed is lost (the
+/// limiter never bursts to catch up: that could put 61 in a window). The
+/// pacing's own figure is `bench limiter`'s, in release.
 #[tokio::test]
 async fn limiter_stays_under_and_uses_97_percent_of_the_quota() {
     let s = common::sandbox(SandboxConfig {
         seed_testers: 25 * 120,
-        rate_scale: 60.0,
+        rate_scale: 15.0,
         ..Default::default()
     })
     .await;
     let c = common::client_for(
         &s.base_url(),
         common::KEY,
-        &["testers-list=60/1s", "account-list=180/1s"],
+        &["testers-list=60/4s", "account-list=180/4s"],
     );
     let n: usize = c
         .pages::<Value>(
