@@ -588,3 +588,66 @@ fn a_bad_date_format_in_the_map_exits_2_before_any_call() {
     assert!(stderr.contains("\"%Y-%Q\" is not valid"), "{stderr}");
     assert!(stderr.contains("map.toml"), "{stderr}");
 }
+
+/// Every preset sends creates oldest signup first, one after another:
+/// the sandbox numbers users as it creates them, so their ids follow the
+/// signup times (people without one last), whatever the file's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_preset_creates_oldest_signup_first() {
+    for (file, preset) in [
+        ("getwaitlist.csv", "getwaitlist"),
+        ("viral-loops.csv", "viral-loops"),
+        ("kickofflabs.csv", "kickofflabs"),
+        ("referralhero.csv", "referralhero"),
+        ("launchlist.csv", "launchlist"),
+        ("mailchimp/subscribed_members_export_4f2a9c.csv", "mailchimp"),
+    ] {
+        let f = Fixture::new().await;
+        let s = f.import(&sample(file), preset).await;
+        assert!(s.created > 40, "{preset}: {s:?}");
+        assert_eq!(s.order, "strict", "{preset}");
+        let mut users = common::users(&f.sandbox, 1);
+        users.sort_by_key(|u| u["id"].as_u64().unwrap());
+        let key = |u: &Value| {
+            u["profile"]["signed_up_at"]
+                .as_str()
+                .and_then(prefsync::import::mapping::date_order_key)
+                .unwrap_or(i64::MAX)
+        };
+        for w in users.windows(2) {
+            assert!(
+                key(&w[0]) <= key(&w[1]),
+                "{preset}: {} ({}) created before {} ({})",
+                w[0]["email"],
+                w[0]["profile"]["signed_up_at"],
+                w[1]["email"],
+                w[1]["profile"]["signed_up_at"]
+            );
+        }
+    }
+}
+
+/// `--link-referrers` on the GetWaitlist sample: each referred_by token
+/// found among the file's referral tokens is sent as the referrer's
+/// Prefinery id (the referrer signed up earlier, so was created first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn getwaitlist_links_referrers_with_the_flag() {
+    let f = Fixture::new().await;
+    let mut o = f.opts(&sample("getwaitlist.csv"), "getwaitlist");
+    o.link_referrers = true;
+    let s = f.run(&o).await.unwrap();
+    assert_eq!(s.created, 53);
+    // 14 rows name a referrer: 12 are rows of the file, 2 name a token
+    // no row has.
+    assert_eq!(
+        (s.referrers_linked, s.referrers_not_linked),
+        (Some(12), Some(2))
+    );
+    let ada = f.user("ada.lovelace@example.com");
+    let hiroshi = f.user("hiroshi.tanaka@example.jp");
+    assert_eq!(
+        hiroshi["referred_by"],
+        Value::String(ada["id"].as_u64().unwrap().to_string())
+    );
+    assert!(f.user("olafur.304@example.com")["referred_by"].is_null());
+}
