@@ -600,7 +600,10 @@ async fn every_preset_creates_oldest_signup_first() {
         ("kickofflabs.csv", "kickofflabs"),
         ("referralhero.csv", "referralhero"),
         ("launchlist.csv", "launchlist"),
-        ("mailchimp/subscribed_members_export_4f2a9c.csv", "mailchimp"),
+        (
+            "mailchimp/subscribed_members_export_4f2a9c.csv",
+            "mailchimp",
+        ),
     ] {
         let f = Fixture::new().await;
         let s = f.import(&sample(file), preset).await;

@@ -233,3 +233,25 @@ async fn ctrl_c_stops_with_exit_5_and_the_lock_holds_off_a_second_run() {
     assert_eq!(code, 0, "{stderr}");
     assert_exactly_once(&s);
 }
+
+/// SIGTERM (what cron, systemd and container runtimes send) stops a run
+/// as Ctrl-C does: the calls in flight finish, exit 5, and the same
+/// command again finishes it with nobody created twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly_with_exit_5() {
+    let (s, dir) = limited_sandbox().await;
+    write_input(dir.path(), "in", "P");
+    let child = spawn_import(&s, dir.path(), "in");
+    wait_for_users(&s, 100).await;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let (code, stderr) = finish(child).await;
+    assert_eq!(code, 5, "{stderr}");
+    assert_eq!(summary(dir.path(), "in")["stopped"], true);
+    assert!(common::users(&s, 1).len() < ROWS);
+    let (code, stderr) = finish(spawn_import(&s, dir.path(), "in")).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_exactly_once(&s);
+}

@@ -37,22 +37,42 @@ pub fn options(a: &ImportArgs, beta: &str) -> ImportOptions {
     o
 }
 
-/// The first Ctrl-C stops new work and lets calls in flight finish; the
-/// second exits at once (the checkpoint is still safe to resume from).
+/// The first Ctrl-C (or SIGTERM, as cron, systemd and container runtimes
+/// send) stops new work and lets calls in flight finish; the second exits
+/// at once (the checkpoint is still safe to resume from).
 pub fn install_ctrl_c(stop: &Stop) {
     let stop = stop.clone();
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
+        if interrupted().await {
             eprintln!(
                 "\nstopping: finishing the calls in flight (Ctrl-C again to quit at once; the run can be resumed)"
             );
             stop.trigger();
-            if tokio::signal::ctrl_c().await.is_ok() {
+            if interrupted().await {
                 eprintln!("quitting at once; run the same command again to resume");
                 std::process::exit(Exit::Resumable.code());
             }
         }
     });
+}
+
+/// Waits for Ctrl-C or SIGTERM; `false` when neither can be listened for.
+async fn interrupted() -> bool {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            return tokio::signal::ctrl_c().await.is_ok();
+        };
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.is_ok(),
+            s = term.recv() => s.is_some(),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.is_ok()
+    }
 }
 
 pub fn exit_of(s: &ImportSummary) -> Exit {

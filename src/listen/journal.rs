@@ -133,6 +133,8 @@ fn write(conn: &mut Connection, jobs: &[Job]) -> anyhow::Result<Vec<Journalled>>
 }
 
 fn open(path: &Path) -> anyhow::Result<Connection> {
+    // People's data: private from its first byte, whoever opens it first.
+    crate::fsutil::private_sqlite(path)?;
     let conn = Connection::open(path)
         .with_context(|| format!("failed to open the mirror {}", path.display()))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;

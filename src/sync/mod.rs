@@ -126,6 +126,20 @@ pub async fn sync(
     progress: Arc<dyn Subscriber>,
 ) -> anyhow::Result<SyncSummary> {
     check_bound(opts)?;
+    // One --max-duration for the whole sync (refreshing the mirror, the
+    // rows, the deletions), not one for each phase.
+    struct Budget(Option<tokio::task::JoinHandle<()>>);
+    impl Drop for Budget {
+        fn drop(&mut self) {
+            if let Some(t) = &self.0 {
+                t.abort();
+            }
+        }
+    }
+    let _budget = Budget(opts.import.max_duration.map(|d| stop.after(d)));
+    let mut opts = opts.clone();
+    opts.import.max_duration = None;
+    let opts = &opts;
     let (fresh, refresh_calls) = refresh(client, opts, &stop, &progress).await?;
     let mut io = opts.import.clone();
     io.mirror = Some(opts.mirror.clone());
