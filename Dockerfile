@@ -3,14 +3,16 @@
 #   docker build -t prefsync .
 #   docker run -d --name prefsync-listen -p 127.0.0.1:8788:8788 \
 #     -v /srv/prefsync:/data \
-#     prefsync --api-key-file /data/api-key listen --beta a9b8c7de \
+#     -e PREFINERY_API_KEY_FILE=/data/api-key \
+#     prefsync listen --beta a9b8c7de \
 #       --mirror /data/mirror.sqlite --secret-file /data/webhook-secret --bind 0.0.0.0:8788
 #
 # Stage 1: Alpine's Rust builds against musl, so the binary is static
 # (SQLite is bundled and compiled in; ring's C and assembly build with
 # musl-dev; TLS roots are compiled in by reqwest's rustls, so the final
 # image needs no CA files).
-FROM rust:1.89-alpine AS build
+# The toolchain the tests and CI run on (1.95).
+FROM rust:1.95-alpine AS build
 RUN apk add --no-cache musl-dev
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./

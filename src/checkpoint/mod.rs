@@ -112,12 +112,11 @@ ALTER TABLE known RENAME COLUMN tester_id TO target_id;
 UPDATE runs SET kind = 'testers.import' WHERE kind = 'import';
 ";
 
-/// Version 5 adds what a run sent in another order than the file's needs
-/// (each row's place in that order and where its record starts, so the
-/// rows are read back one by one, in bounded memory), and what linking
-/// referrers needs (how rows name each other). Only new tables: a version 4
-/// run resumes as it was.
-const MIGRATE_V5: &str = "
+/// The tables version 5 adds, for the migration and the new-file schema
+/// alike (a macro: `concat!` takes it in at compile time).
+macro_rules! v5_tables {
+    () => {
+        "
 CREATE TABLE IF NOT EXISTS row_order (
     run_id INTEGER NOT NULL,
     ord INTEGER NOT NULL,        -- where the row is sent (its signup time, say); no value sorts last
@@ -136,14 +135,24 @@ CREATE TABLE IF NOT EXISTS wanted_refs (
     ref TEXT NOT NULL,           -- a value some row names as its referrer
     PRIMARY KEY (run_id, ref)
 ) WITHOUT ROWID;
-";
+"
+    };
+}
+
+/// Version 5 adds what a run sent in another order than the file's needs
+/// (each row's place in that order and where its record starts, so the
+/// rows are read back one by one, in bounded memory), and what linking
+/// referrers needs (how rows name each other). Only new tables: a version 4
+/// run resumes as it was.
+const MIGRATE_V5: &str = v5_tables!();
 
 /// A new checkpoint is created at the current version in one step; the
 /// steps above bring older files to it. Stepping a new file through every
 /// migration re-parses the whole schema at each `RENAME COLUMN`. The test
 /// `a_new_checkpoint_has_the_schema_the_migrations_reach` holds the two
 /// paths to the same tables.
-const SCHEMA_CURRENT: &str = "
+const SCHEMA_CURRENT: &str = concat!(
+    "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,
@@ -190,25 +199,9 @@ CREATE TABLE IF NOT EXISTS outcomes (
     target_id INTEGER NOT NULL,
     PRIMARY KEY (run_id, line)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS row_order (
-    run_id INTEGER NOT NULL,
-    ord INTEGER NOT NULL,        -- where the row is sent (its signup time, say); no value sorts last
-    line INTEGER NOT NULL,
-    byte_offset INTEGER NOT NULL, -- where its record starts in the input, to read it again
-    PRIMARY KEY (run_id, ord, line)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS refs (
-    run_id INTEGER NOT NULL,
-    ref TEXT NOT NULL,           -- how other rows name this one (a referral code, a source id, an email)
-    line INTEGER NOT NULL,
-    PRIMARY KEY (run_id, ref)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS wanted_refs (
-    run_id INTEGER NOT NULL,
-    ref TEXT NOT NULL,           -- a value some row names as its referrer
-    PRIMARY KEY (run_id, ref)
-) WITHOUT ROWID;
-";
+",
+    v5_tables!()
+);
 
 /// A row of `rows` with no outcome (the table's alias must be `rows`). A
 /// macro, so statements take it in with `concat!`, once, at compile time.

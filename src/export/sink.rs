@@ -502,16 +502,7 @@ impl Sink for SqliteSink {
                     run.into(),
                 ];
                 for c in &cols {
-                    values.push(match item.get(*c) {
-                        Some(Value::String(s)) => s.clone().into(),
-                        Some(Value::Number(n)) => n
-                            .as_i64()
-                            .map(Into::into)
-                            .unwrap_or_else(|| n.to_string().into()),
-                        Some(Value::Bool(b)) => i64::from(*b).into(),
-                        None | Some(Value::Null) => rusqlite::types::Value::Null,
-                        Some(other) => other.to_string().into(),
-                    });
+                    values.push(sql_value(item.get(*c)));
                 }
                 ins.execute(rusqlite::params_from_iter(values))?;
             }
@@ -994,6 +985,21 @@ pub(crate) fn write_csv(
         w.flush()?;
     }
     f.commit()
+}
+
+/// A record's field as its SQLite column holds it: text as text, whole
+/// numbers as integers, booleans as 0/1, anything else as its JSON.
+pub fn sql_value(v: Option<&Value>) -> rusqlite::types::Value {
+    match v {
+        Some(Value::String(s)) => s.clone().into(),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .map(Into::into)
+            .unwrap_or_else(|| n.to_string().into()),
+        Some(Value::Bool(b)) => i64::from(*b).into(),
+        None | Some(Value::Null) => rusqlite::types::Value::Null,
+        Some(other) => other.to_string().into(),
+    }
 }
 
 #[cfg(test)]

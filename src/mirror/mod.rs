@@ -273,16 +273,7 @@ impl Mirror {
                     now.clone().into(),
                 ];
                 for c in &cols {
-                    values.push(match item.get(*c) {
-                        Some(Value::String(s)) => s.clone().into(),
-                        Some(Value::Number(n)) => n
-                            .as_i64()
-                            .map(Into::into)
-                            .unwrap_or_else(|| n.to_string().into()),
-                        Some(Value::Bool(b)) => i64::from(*b).into(),
-                        None | Some(Value::Null) => rusqlite::types::Value::Null,
-                        Some(other) => other.to_string().into(),
-                    });
+                    values.push(crate::export::sink::sql_value(item.get(*c)));
                 }
                 ins.execute(rusqlite::params_from_iter(values))?;
             }

@@ -188,14 +188,9 @@ pub fn retry_delay(n: u32, scale: f64) -> Duration {
     Duration::from_secs_f64(secs / scale.max(f64::MIN_POSITIVE))
 }
 
+/// Signed as the listener checks it (one definition of the scheme).
 fn signature(secret: &str, t: i64, body: &[u8]) -> String {
-    use ring::hmac;
-    let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
-    let mut msg = format!("{t}.").into_bytes();
-    msg.extend_from_slice(body);
-    let tag = hmac::sign(&key, &msg);
-    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    format!("t={t},v1={hex}")
+    crate::listen::signature::sign(secret, t, body)
 }
 
 async fn deliver(
