@@ -56,6 +56,7 @@ fn main() -> ExitCode {
         }
     };
     let quiet = cli.global.quiet;
+    let json = cli.global.log_format == LogFormat::Json;
     let result = runtime.block_on(prefsync::run(cli));
     // Don't wait for stray tasks (a blocked stdin reader, say).
     runtime.shutdown_background();
@@ -66,13 +67,20 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             let (reports, message) = render(&e);
-            if !quiet {
-                for r in reports {
-                    eprintln!("{r}");
+            let code = exit_for(&e).code();
+            if json {
+                // Every line on stderr stays a JSON event, the failure too.
+                let report = (!quiet && !reports.is_empty()).then(|| reports.join("\n"));
+                tracing::error!(exit_code = code, report, "{message}");
+            } else {
+                if !quiet {
+                    for r in reports {
+                        eprintln!("{r}");
+                    }
                 }
+                eprintln!("error: {message}");
             }
-            eprintln!("error: {message}");
-            ExitCode::from(exit_for(&e).code() as u8)
+            ExitCode::from(code as u8)
         }
     }
 }

@@ -480,6 +480,46 @@ async fn json_logs_end_with_the_summary_as_one_json_event() {
     }
 }
 
+/// With `--log-format json` a run that fails ends with its error as one
+/// JSON event too (level ERROR, the exit code), not a plain `error:` line.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_end_with_the_error_as_one_json_event() {
+    let s = cron_sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("in.csv"), "email\nnew1@x.io\n").unwrap();
+    let args = [
+        "import",
+        "testers",
+        "--beta",
+        "1",
+        "--file",
+        "in.csv",
+        "--map",
+        "missing.toml",
+        "--log-format",
+        "json",
+    ];
+    let out = run(cron(&s.base_url(), d, &args)).await;
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    for line in stderr.lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+    let last: serde_json::Value =
+        serde_json::from_str(stderr.lines().last().expect("the error")).unwrap();
+    assert_eq!(last["level"], "ERROR", "{last}");
+    assert_eq!(last["fields"]["exit_code"], 2, "{last}");
+    assert!(
+        last["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing.toml"),
+        "{last}"
+    );
+}
+
 /// The lock's holder is named by pid, host and a readable local time,
 /// from a lock file of today's format and of the old one.
 #[tokio::test(flavor = "multi_thread")]
