@@ -20,11 +20,15 @@ COPY src ./src
 COPY samples ./samples
 RUN cargo build --release --locked --bin prefsync \
  && strip target/release/prefsync \
- && ! ldd target/release/prefsync 2>/dev/null | grep -q '=>'
+ && ! ldd target/release/prefsync 2>/dev/null | grep -q '=>' \
+ && mkdir -m 1777 /scratch-tmp
 
 # Stage 2: nothing but the binary, run as an unprivileged user.
 FROM scratch
 COPY --from=build /src/target/release/prefsync /prefsync
+# A dry run's scratch checkpoint and a spooled standard input need a
+# temporary directory; an empty image has none.
+COPY --from=build /scratch-tmp /tmp
 USER 65534:65534
 WORKDIR /data
 EXPOSE 8788

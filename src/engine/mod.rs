@@ -586,8 +586,12 @@ pub async fn run<O: Operation>(
     let _spool;
     let source = match &opts.source {
         Source::Stdin => {
-            let mut tmp =
-                tempfile::NamedTempFile::new().context("failed to spool standard input")?;
+            let mut tmp = tempfile::NamedTempFile::new().with_context(|| {
+                format!(
+                    "failed to spool standard input into {} (set TMPDIR to a writable directory)",
+                    std::env::temp_dir().display()
+                )
+            })?;
             let bytes = std::io::copy(&mut std::io::stdin().lock(), &mut tmp)
                 .context("failed to read standard input")?;
             if bytes == 0 {
@@ -652,7 +656,12 @@ pub async fn run<O: Operation>(
     // The checkpoint: a temporary one for a dry run, which writes nothing.
     let _dry_dir;
     let ck_path = if opts.dry_run {
-        let d = tempfile::tempdir()?;
+        let d = tempfile::tempdir().with_context(|| {
+            format!(
+                "failed to make the dry run's scratch checkpoint in {} (set TMPDIR to a writable directory)",
+                std::env::temp_dir().display()
+            )
+        })?;
         let p = d.path().join("dry-run.sqlite");
         _dry_dir = d;
         p
