@@ -456,6 +456,10 @@ enum Kind {
         existing_pct: usize,
         unchanged_pct: usize,
         resolve: Option<&'static str>,
+        /// Each row has a signup time (`joined`, scrambled) and the run
+        /// sends creates oldest first, one after another (`--order
+        /// strict`): the check also wants the creates in that order.
+        sorted: bool,
     },
     Export(&'static str),
     Points,
@@ -470,7 +474,7 @@ struct Scenario {
     kind: Kind,
 }
 
-const SCENARIOS: [Scenario; 13] = [
+const SCENARIOS: [Scenario; 14] = [
     Scenario {
         name: "import-create-heavy",
         kind: Kind::Import {
@@ -478,6 +482,7 @@ const SCENARIOS: [Scenario; 13] = [
             existing_pct: 10,
             unchanged_pct: 0,
             resolve: None,
+            sorted: false,
         },
     },
     Scenario {
@@ -487,6 +492,7 @@ const SCENARIOS: [Scenario; 13] = [
             existing_pct: 90,
             unchanged_pct: 10,
             resolve: None,
+            sorted: false,
         },
     },
     Scenario {
@@ -496,6 +502,17 @@ const SCENARIOS: [Scenario; 13] = [
             existing_pct: 50,
             unchanged_pct: 10,
             resolve: None,
+            sorted: false,
+        },
+    },
+    Scenario {
+        name: "import-sorted-strict",
+        kind: Kind::Import {
+            seed_pct: 50,
+            existing_pct: 20,
+            unchanged_pct: 0,
+            resolve: None,
+            sorted: true,
         },
     },
     Scenario {
@@ -505,6 +522,7 @@ const SCENARIOS: [Scenario; 13] = [
             existing_pct: 50,
             unchanged_pct: 10,
             resolve: Some("list"),
+            sorted: false,
         },
     },
     Scenario {
@@ -514,6 +532,7 @@ const SCENARIOS: [Scenario; 13] = [
             existing_pct: 50,
             unchanged_pct: 10,
             resolve: Some("lookup"),
+            sorted: false,
         },
     },
     Scenario {
@@ -614,6 +633,7 @@ fn plan(kind: Kind, rows: usize, rng: &mut fastrand::Rng, tag: u64) -> Plan {
             existing_pct,
             unchanged_pct,
             resolve,
+            sorted,
         } => {
             let seed = rows * seed_pct / 100;
             let existing = (rows * existing_pct / 100).min(seed);
@@ -669,9 +689,20 @@ fn plan(kind: Kind, rows: usize, rng: &mut fastrand::Rng, tag: u64) -> Plan {
             if let Some(r) = resolve {
                 args.extend([s("--resolve"), s(r)]);
             }
+            let mut header = vec!["email", "first_name", "last_name", "custom_var1"];
+            if sorted {
+                // Distinct signup times, in no order.
+                let mut minutes: Vec<i64> = (0..out.len() as i64).collect();
+                rng.shuffle(&mut minutes);
+                for (r, m) in out.iter_mut().zip(minutes) {
+                    r.cells.push((JOINED_EPOCH + m * 60).to_string());
+                }
+                header.push("joined");
+                args.extend([s("--map"), s(ORDER_MAP_FILE), s("--order"), s("strict")]);
+            }
             Plan {
                 seed_testers: seed,
-                header: vec!["email", "first_name", "last_name", "custom_var1"],
+                header,
                 rows: out,
                 args,
                 out: None,
@@ -814,9 +845,26 @@ fn plan(kind: Kind, rows: usize, rng: &mut fastrand::Rng, tag: u64) -> Plan {
     }
 }
 
+/// The sorted import's map, written beside its input.
+const ORDER_MAP_FILE: &str = "order.toml";
+const ORDER_MAP: &str = "order_by = \"profile.signed_up_at\"\n\
+                         [columns]\n\
+                         \"joined\" = { to = \"profile.signed_up_at\", date = [\"epoch\"] }\n";
+/// The sorted import's earliest signup time.
+const JOINED_EPOCH: i64 = 1_700_000_000;
+
+/// A `joined` cell as the map writes it into `signed_up_at`.
+fn joined_iso(cell: &str) -> Option<String> {
+    let t = chrono::DateTime::from_timestamp(cell.parse().ok()?, 0)?;
+    Some(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+}
+
 fn write_input(dir: &Path, p: &mut Plan) {
     if p.header.is_empty() {
         return;
+    }
+    if p.header.contains(&"joined") {
+        std::fs::write(dir.join(ORDER_MAP_FILE), ORDER_MAP).expect("map file");
     }
     let mut w = csv::Writer::from_path(dir.join("in.csv")).expect("input file");
     w.write_record(&p.header).unwrap();
@@ -1178,6 +1226,32 @@ fn check_import(p: &Plan, before: &State, after: &State, dir: &Path, t: &mut Tal
             let v = r.cells[k + 1].trim();
             if !v.is_empty() {
                 prof.insert(field.to_string(), Value::String(v.to_string()));
+            }
+        }
+        if let Some(iso) = r.cells.get(4).and_then(|c| joined_iso(c)) {
+            prof.insert("signed_up_at".into(), Value::String(iso));
+        }
+    }
+    // A sorted run creates oldest signup first: by the ids the sandbox
+    // gave, in order of creation.
+    if p.header.contains(&"joined") {
+        let mut created: Vec<(u64, i64, &str)> = p
+            .rows
+            .iter()
+            .filter(|r| r.action == "created")
+            .filter_map(|r| {
+                let u = now.get(&r.email)?[0];
+                Some((u.id, r.cells[4].parse().ok()?, r.email.as_str()))
+            })
+            .collect();
+        created.sort();
+        for w in created.windows(2) {
+            if w[0].1 > w[1].1 {
+                t.wrong += 1;
+                t.note(format!(
+                    "{} (signed up later) was created before {}",
+                    w[0].2, w[1].2
+                ));
             }
         }
     }
