@@ -1074,6 +1074,13 @@ pub struct ImportArgs {
     /// and not made are counted in the summary and noted per row in --results.
     #[arg(long)]
     pub link_referrers: bool,
+    /// Send the rows of people who left as suppressions instead of skipping them: Mailchimp's
+    /// unsubscribed file (Unsubscribe) and cleaned file (Manual), and rows a suppress_if rule
+    /// matches (opted out: Unsubscribe). Unsubscribe also unsubscribes a user of the project
+    /// with that email. Needs the key's Email Suppressions permission. Nobody who left is ever
+    /// imported as a user, with or without it.
+    #[arg(long)]
+    pub suppress: bool,
     /// Concurrent workers.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,

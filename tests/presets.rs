@@ -654,3 +654,85 @@ async fn getwaitlist_links_referrers_with_the_flag() {
     );
     assert!(f.user("olafur.304@example.com")["referred_by"].is_null());
 }
+
+/// `--suppress`: Mailchimp's unsubscribed people become `Unsubscribe`
+/// suppressions (one who is a user of the project is unsubscribed), its
+/// cleaned people `Manual` ones, KickoffLabs' opted-out rows
+/// `Unsubscribe`; nobody who left becomes a user, and a second run finds
+/// them suppressed already. Without the flag they are only counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suppress_sends_the_people_who_left_as_suppressions() {
+    let f = Fixture::new().await;
+    let suppressions = || -> Vec<Value> {
+        f.sandbox.app.with_world(|w| {
+            w.project(1)
+                .suppressions
+                .values()
+                .map(|s| serde_json::to_value(s).unwrap())
+                .collect()
+        })
+    };
+    // One of the unsubscribed people is a user of the project already.
+    let existing = f.dir.path().join("existing.csv");
+    std::fs::write(&existing, "email\nleft.early@example.com\n").unwrap();
+    let mut o = f.opts(&existing, "mailchimp");
+    o.preset = None;
+    o.checkpoint = f.dir.path().join("existing.sqlite");
+    f.run(&o).await.unwrap();
+
+    let unsub = sample("mailchimp/unsubscribed_members_export_4f2a9c.csv");
+    let mut o = f.opts(&unsub, "mailchimp");
+    o.checkpoint = f.dir.path().join("plain.sqlite");
+    o.dry_run = true;
+    let s = f.run(&o).await.unwrap();
+    assert_eq!((s.would_suppress, s.suppressed), (12, 0), "{s:?}");
+
+    let mut o = f.opts(&unsub, "mailchimp");
+    o.suppress = true;
+    o.checkpoint = f.dir.path().join("unsub.sqlite");
+    let s = f.run(&o).await.unwrap();
+    assert_eq!(
+        (s.created, s.would_suppress, s.suppressed, s.unsubscribed),
+        (0, 0, 11, 1),
+        "{s:?}"
+    );
+    let all = suppressions();
+    assert_eq!(all.len(), 12);
+    assert!(all.iter().all(|x| x["reason"] == "Unsubscribe"), "{all:?}");
+    let left = f.user("left.early@example.com");
+    assert!(!left["unsubscribed_at"].is_null(), "{left}");
+    assert_eq!(
+        common::users(&f.sandbox, 1).len(),
+        1,
+        "nobody who left was created"
+    );
+
+    let mut o = f.opts(
+        &sample("mailchimp/cleaned_members_export_4f2a9c.csv"),
+        "mailchimp",
+    );
+    o.suppress = true;
+    o.checkpoint = f.dir.path().join("cleaned.sqlite");
+    let s = f.run(&o).await.unwrap();
+    assert_eq!(s.suppressed, 6, "{s:?}");
+    let manual = suppressions()
+        .into_iter()
+        .filter(|x| x["reason"] == "Manual")
+        .count();
+    assert_eq!(manual, 6);
+
+    // KickoffLabs: the opted-out rows, beside the people imported.
+    let mut o = f.opts(&sample("kickofflabs.csv"), "kickofflabs");
+    o.suppress = true;
+    o.checkpoint = f.dir.path().join("kol.sqlite");
+    let s = f.run(&o).await.unwrap();
+    assert_eq!(
+        (s.created, s.skipped_flagged, s.would_suppress, s.suppressed),
+        (50, 4, 0, 5),
+        "{s:?}"
+    );
+    // The same file again (--fresh): already suppressed, unchanged.
+    o.fresh = true;
+    let s = f.run(&o).await.unwrap();
+    assert_eq!((s.suppressed, s.unsubscribed), (0, 0), "{s:?}");
+}

@@ -34,6 +34,7 @@ pub fn options(a: &ImportArgs, beta: &str) -> ImportOptions {
     o.excel_safe = a.excel_safe;
     o.order = a.order.map(Into::into);
     o.link_referrers = a.link_referrers;
+    o.suppress = a.suppress;
     o
 }
 

@@ -467,7 +467,7 @@ impl std::fmt::Display for RunSummary {
                 .map(|(class, n)| match class.as_str() {
                     "flagged" => format!("skipped as flagged {n}"),
                     "would_suppress" => format!(
-                        "would be suppressed {n} (not imported: suppressions cannot be sent yet)"
+                        "would be suppressed {n} (not imported; --suppress sends them as suppressions)"
                     ),
                     other => format!("skipped ({other}) {n}"),
                 })

@@ -485,6 +485,9 @@ pub struct Skip {
     pub reason: String,
     /// The row's email as compared, when it has a valid one.
     pub email_key: Option<String>,
+    /// A row of someone who left: the suppression it becomes with
+    /// `--suppress` (`Unsubscribe` or `Manual`, as the API spells them).
+    pub suppress_as: Option<&'static str>,
 }
 
 /// What [`Mapping::apply`] made of a row.
@@ -515,9 +518,9 @@ pub struct Mapping {
     /// `suppress_if` rules, then `skip_if` rules (a person who opted out
     /// is counted as such even when also flagged).
     pub rules: Vec<Rule>,
-    /// Every row would be suppressed, and why (Mailchimp's unsubscribed
-    /// and cleaned files).
-    pub suppress_all: Option<String>,
+    /// Every row would be suppressed, why, and as what (Mailchimp's
+    /// unsubscribed and cleaned files: `Unsubscribe`, `Manual`).
+    pub suppress_all: Option<(String, &'static str)>,
     /// The status of new users when `--status` is not given.
     pub default_status: Option<String>,
     /// The preset used, if any.
@@ -811,7 +814,7 @@ impl Mapping {
             let (list, why) = presets::mailchimp_list(src.file_name, headers, src.mailchimp_list)
                 .map_err(usage)?;
             notes.push(format!("Mailchimp {} list: {why}", list.name()));
-            m.suppress_all = list.suppression_reason();
+            m.suppress_all = list.suppression_reason().zip(list.suppression_kind());
         }
         m.preset = preset_name;
         notes.append(&mut m.notes);
@@ -1075,7 +1078,7 @@ impl Mapping {
 
     /// The rule that keeps this row out of the run, if one does.
     fn skip(&self, fields: &csv::StringRecord) -> Option<(SkipClass, String)> {
-        if let Some(why) = &self.suppress_all {
+        if let Some((why, _)) = &self.suppress_all {
             return Some((SkipClass::WouldSuppress, why.clone()));
         }
         self.rules.iter().find_map(|r| {
@@ -1089,7 +1092,7 @@ impl Mapping {
                             r.header
                         ),
                         SkipClass::WouldSuppress => format!(
-                            "would be suppressed: {} is {cell:?} (suppress_if); suppressions cannot be sent yet, so the row is skipped",
+                            "would be suppressed (Unsubscribe): {} is {cell:?} (suppress_if); never imported; --suppress sends it as a suppression",
                             r.header
                         ),
                     },
@@ -1109,10 +1112,16 @@ impl Mapping {
         if let Some((class, reason)) = self.skip(fields) {
             let email_key = (!raw_email.is_empty() && email_problem(raw_email).is_none())
                 .then(|| email_key(raw_email));
+            let suppress_as = (class == SkipClass::WouldSuppress).then(|| {
+                self.suppress_all
+                    .as_ref()
+                    .map_or("Unsubscribe", |(_, kind)| *kind)
+            });
             return Ok(Mapped::Skip(Skip {
                 class,
                 reason,
                 email_key,
+                suppress_as,
             }));
         }
         let mut input = TesterInput::default();
@@ -1627,7 +1636,8 @@ suppress_if = { opted_out = "TRUE" }
         // stronger of the two.
         let s = skip(&m, &["c@x.io", "true", "", "true"]);
         assert_eq!(s.class, SkipClass::WouldSuppress);
-        assert!(s.reason.contains("cannot be sent yet"), "{}", s.reason);
+        assert!(s.reason.contains("--suppress sends it"), "{}", s.reason);
+        assert_eq!(s.suppress_as, Some("Unsubscribe"));
         // A spam row is skipped even when its email is broken.
         assert_eq!(skip(&m, &["not an email", "true", "", ""]).email_key, None);
         assert!(matches!(

@@ -78,6 +78,8 @@ pub struct ImportOptions {
     /// Send each create's referrer, found among this run's rows, as
     /// `referrer_id`.
     pub link_referrers: bool,
+    /// Send the rows of people who left as suppressions.
+    pub suppress: bool,
 }
 
 impl ImportOptions {
@@ -105,6 +107,7 @@ impl ImportOptions {
             empty: EmptyCells::Keep,
             order: None,
             link_referrers: false,
+            suppress: false,
             allow_emails: false,
             resolve: None,
             excel_safe: false,
@@ -125,6 +128,10 @@ pub struct ImportSummary {
     pub created: u64,
     pub updated: u64,
     pub unchanged: u64,
+    /// `--suppress`: suppressions added, and of those the ones that
+    /// unsubscribed a user of the project.
+    pub suppressed: u64,
+    pub unsubscribed: u64,
     pub rejected: u64,
     /// Rows a `skip_if` rule kept out (spam, fraud).
     pub skipped_flagged: u64,
@@ -176,6 +183,8 @@ impl ImportSummary {
             created: s.count("created"),
             updated: s.count("updated"),
             unchanged: s.count("unchanged"),
+            suppressed: s.count("suppressed"),
+            unsubscribed: s.count("unsubscribed"),
             rejected: s.rejected,
             skipped_flagged: s
                 .skipped
@@ -244,6 +253,7 @@ pub async fn import(
     op.strict = opts.strict;
     op.order = opts.order;
     op.link_referrers = opts.link_referrers;
+    op.suppress = opts.suppress;
     let run_opts = RunOptions {
         beta: opts.beta.clone(),
         source: opts.source.clone(),

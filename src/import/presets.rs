@@ -164,8 +164,17 @@ impl MailchimpList {
             MailchimpList::Cleaned => ("cleaned (bounced) in Mailchimp", "Manual"),
         };
         Some(format!(
-            "would be suppressed ({kind}): {who}; suppressions cannot be sent yet, so the row is skipped"
+            "would be suppressed ({kind}): {who}; never imported; --suppress sends it as a suppression"
         ))
+    }
+
+    /// The suppression reason its rows become with `--suppress`.
+    pub fn suppression_kind(self) -> Option<&'static str> {
+        match self {
+            MailchimpList::Subscribed => None,
+            MailchimpList::Unsubscribed => Some("Unsubscribe"),
+            MailchimpList::Cleaned => Some("Manual"),
+        }
     }
 
     /// The list a file name says, from Mailchimp's own names

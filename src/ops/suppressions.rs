@@ -65,6 +65,82 @@ fn email_cell(cols: &Columns, cells: &csv::StringRecord) -> Result<String, Strin
     }
 }
 
+/// Whether the suppression of `email` that a call in doubt was to create is
+/// there: one suppressed before the run began (`run_started`; its times
+/// count whole seconds) was there already, and is not the row's doing.
+pub(crate) async fn suppression_effect(
+    client: &Client,
+    beta: &str,
+    email: &str,
+    run_started: Option<std::time::SystemTime>,
+) -> Result<Effect, ApiError> {
+    Ok(match suppressions_of(client, beta, email).await?.first() {
+        Some(s)
+            if s.get("suppressed_at")
+                .and_then(Value::as_str)
+                .and_then(crate::time::parse_iso8601)
+                .zip(run_started)
+                .is_some_and(|(at, started)| at < started) =>
+        {
+            Effect::Done {
+                action: "unchanged",
+                target: id_of(s),
+            }
+        }
+        Some(s) => Effect::Done {
+            action: added_action(s),
+            target: id_of(s),
+        },
+        None => Effect::NotDone,
+    })
+}
+
+/// Creates the suppression of `email`; one there already (error 2702) is
+/// `unchanged`, with its id.
+pub(crate) async fn create_suppression(
+    client: &Client,
+    beta: &str,
+    email: &str,
+    reason: Reason,
+) -> Result<Sent, ApiError> {
+    // Unwrapped, as the reference documents this create.
+    let body = json!({"email": email, "reason": reason.as_str()});
+    match client
+        .call(
+            Op::SuppressionCreate,
+            Some(beta),
+            &format!("betas/{beta}/suppressions.json"),
+            &[],
+            Some(&body),
+        )
+        .await
+    {
+        Ok(r) => {
+            let s: Value = r.json(Op::SuppressionCreate)?;
+            Ok(Sent::Done {
+                action: added_action(&s),
+                target: id_of(&s),
+            })
+        }
+        Err(ApiError::Rejected { messages, .. })
+            if messages
+                .0
+                .iter()
+                .any(|m| m.code == Some(ALREADY_SUPPRESSED))
+                || messages.mentions("already exists") =>
+        {
+            // Already suppressed: the existing suppression's id, for the
+            // results.
+            let existing = suppressions_of(client, beta, email).await?;
+            Ok(Sent::Done {
+                action: "unchanged",
+                target: existing.first().map_or(0, id_of),
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// `reason` as the API spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
@@ -73,7 +149,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Reason::Manual => "Manual",
             Reason::Unsubscribe => "Unsubscribe",
@@ -270,32 +346,7 @@ impl Operation for SuppressionsAdd {
         if matches!(doubt, Doubt::InFlightAtStop(None)) {
             return Ok(Effect::NotDone);
         }
-        Ok(
-            match suppressions_of(&self.client, &self.beta, &row.email)
-                .await?
-                .first()
-            {
-                // Suppressed before this run began (its times count whole
-                // seconds): already there, not this row's doing.
-                Some(s)
-                    if s.get("suppressed_at")
-                        .and_then(Value::as_str)
-                        .and_then(crate::time::parse_iso8601)
-                        .zip(self.run_started)
-                        .is_some_and(|(at, started)| at < started) =>
-                {
-                    Effect::Done {
-                        action: "unchanged",
-                        target: id_of(s),
-                    }
-                }
-                Some(s) => Effect::Done {
-                    action: added_action(s),
-                    target: id_of(s),
-                },
-                None => Effect::NotDone,
-            },
-        )
+        suppression_effect(&self.client, &self.beta, &row.email, self.run_started).await
     }
 
     async fn decide(&self, row: &mut AddRow) -> Result<Decision, ApiError> {
@@ -303,44 +354,7 @@ impl Operation for SuppressionsAdd {
     }
 
     async fn send(&self, row: &mut AddRow, _intent: Intent) -> Result<Sent, ApiError> {
-        let beta = &self.beta;
-        // Unwrapped, as the reference documents this create.
-        let body = json!({"email": row.email, "reason": row.reason.as_str()});
-        match self
-            .client
-            .call(
-                Op::SuppressionCreate,
-                Some(beta),
-                &format!("betas/{beta}/suppressions.json"),
-                &[],
-                Some(&body),
-            )
-            .await
-        {
-            Ok(r) => {
-                let s: Value = r.json(Op::SuppressionCreate)?;
-                Ok(Sent::Done {
-                    action: added_action(&s),
-                    target: id_of(&s),
-                })
-            }
-            Err(ApiError::Rejected { messages, .. })
-                if messages
-                    .0
-                    .iter()
-                    .any(|m| m.code == Some(ALREADY_SUPPRESSED))
-                    || messages.mentions("already exists") =>
-            {
-                // Already suppressed: the existing suppression's id, for
-                // the results.
-                let existing = suppressions_of(&self.client, beta, &row.email).await?;
-                Ok(Sent::Done {
-                    action: "unchanged",
-                    target: existing.first().map_or(0, id_of),
-                })
-            }
-            Err(e) => Err(e),
-        }
+        create_suppression(&self.client, &self.beta, &row.email, row.reason).await
     }
 
     fn notes(&self) -> serde_json::Map<String, Value> {

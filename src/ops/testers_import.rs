@@ -22,6 +22,7 @@ use crate::import::mapping::{self, EMAILING_STATUSES, EmptyCells, MapSource, Map
 use crate::import::presets::MailchimpList;
 use crate::input::{CsvInput, Source};
 use crate::mirror::Mirror;
+use crate::ops::suppressions::{Reason, create_suppression, suppression_effect};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Mode {
@@ -82,6 +83,13 @@ pub struct TestersImport {
     /// `--link-referrers`: send the referrer's Prefinery id, found among
     /// this run's rows, as `referrer_id` on each create.
     pub link_referrers: bool,
+    /// `--suppress`: rows of people who left (a `suppress_if` rule,
+    /// Mailchimp's unsubscribed and cleaned files) are sent as
+    /// suppressions instead of being skipped.
+    pub suppress: bool,
+    /// When the run began (a suppression found in doubt that is older was
+    /// there before it).
+    run_started: Option<std::time::SystemTime>,
     mapping: Option<Mapping>,
     /// A dry run: an update's row keeps the fields it would change, for
     /// the plan.
@@ -131,6 +139,8 @@ impl TestersImport {
             mirror: None,
             order: None,
             link_referrers: false,
+            suppress: false,
+            run_started: None,
             mapping: None,
             links: None,
             dry_run: false,
@@ -189,6 +199,8 @@ pub struct ImportRow {
     /// outcome was unknown, or it was in flight when a run stopped): an
     /// email found taken may be this row's own create.
     in_doubt: bool,
+    /// `--suppress`: the row is a suppression to add, as this reason.
+    suppress_as: Option<Reason>,
 }
 
 /// A row's referrer, for `--link-referrers`.
@@ -204,6 +216,15 @@ impl ImportRow {
     /// The email as the file has it (trimmed), for a lookup.
     fn email(&self) -> &str {
         self.input.email.as_deref().unwrap_or_default()
+    }
+}
+
+/// A suppression's action (`added`, `unsubscribed`, `unchanged`) as the
+/// import reports it.
+fn suppressed_action(action: &'static str) -> &'static str {
+    match action {
+        "added" => "suppressed",
+        other => other,
     }
 }
 
@@ -223,13 +244,24 @@ impl Operation for TestersImport {
     }
 
     fn actions(&self) -> &'static [&'static str] {
-        &["created", "updated", "unchanged"]
+        if self.suppress {
+            &[
+                "created",
+                "updated",
+                "unchanged",
+                "suppressed",
+                "unsubscribed",
+            ]
+        } else {
+            &["created", "updated", "unchanged"]
+        }
     }
 
     fn intent(&self, name: &str) -> Option<(Intent, &'static str)> {
         match name {
             "create" => Some(("create", "created")),
             "update" => Some(("update", "updated")),
+            "suppress" => Some(("suppress", "suppressed")),
             _ => None,
         }
     }
@@ -323,6 +355,32 @@ impl Operation for TestersImport {
         let row = match self.mapping().apply(cells)? {
             Mapped::Row(row) => row,
             Mapped::Skip(skip) => {
+                // Someone who left becomes a suppression (with an email to
+                // suppress); never a user.
+                if self.suppress
+                    && let (Some(kind), Some(email_key)) = (skip.suppress_as, &skip.email_key)
+                {
+                    return Ok(Parsed::Row(ImportRow {
+                        email_key: email_key.clone(),
+                        input: TesterInput {
+                            email: Some(email_key.clone()),
+                            ..Default::default()
+                        },
+                        known: None,
+                        learnt: None,
+                        defaulted: false,
+                        change: None,
+                        line: 0,
+                        referrer: None,
+                        in_doubt: false,
+                        would_change: None,
+                        suppress_as: Some(if kind == "Manual" {
+                            Reason::Manual
+                        } else {
+                            Reason::Unsubscribe
+                        }),
+                    }));
+                }
                 return Ok(Parsed::Skip {
                     class: skip.class.as_str(),
                     key: skip.email_key,
@@ -341,6 +399,7 @@ impl Operation for TestersImport {
             referrer: None,
             in_doubt: false,
             would_change: None,
+            suppress_as: None,
         };
         if let (Some(Resolve::Mirror), Some(m)) = (self.resolve, &self.mirror) {
             let known = m
@@ -474,6 +533,9 @@ impl Operation for TestersImport {
         if self.dry_run && action == "updated" {
             return row.would_change.as_deref().map(str::to_string);
         }
+        if row.suppress_as.is_some() && action == "unchanged" {
+            return Some("the email was suppressed already (error 2702)".into());
+        }
         if action != "created" {
             return None;
         }
@@ -521,6 +583,10 @@ impl Operation for TestersImport {
             );
         }
         self.dry_run = p.dry_run;
+        self.run_started = p.checkpoint.run(p.run)?.map(|r| {
+            std::time::SystemTime::UNIX_EPOCH
+                + std::time::Duration::from_secs(u64::try_from(r.started_at).unwrap_or(0))
+        });
         // A sync reads the mirror, which the caller made fresh.
         if self.resolve == Some(Resolve::Mirror) {
             return Ok(());
@@ -610,6 +676,9 @@ impl Operation for TestersImport {
         run: i64,
         row: &mut ImportRow,
     ) -> anyhow::Result<Option<Intent>> {
+        if row.suppress_as.is_some() {
+            return Ok(Some("suppress"));
+        }
         if let Some(l) = &self.links
             && let Some(named) = l.referrals.named(&row.input)
         {
@@ -640,6 +709,21 @@ impl Operation for TestersImport {
 
     async fn find_effect(&self, row: &mut ImportRow, doubt: Doubt) -> Result<Effect, ApiError> {
         row.in_doubt = true;
+        if row.suppress_as.is_some() {
+            if matches!(doubt, Doubt::InFlightAtStop(None)) {
+                return Ok(Effect::NotDone);
+            }
+            let effect =
+                suppression_effect(&self.client, &self.beta, &row.email_key, self.run_started)
+                    .await?;
+            return Ok(match effect {
+                Effect::Done { action, target } => Effect::Done {
+                    action: suppressed_action(action),
+                    target,
+                },
+                e => e,
+            });
+        }
         // This run listed the project after the stopped one died, so for a
         // row in flight then the listing answers as well as a lookup (and
         // costs no call). The mirror may be older than the stopped run's
@@ -679,6 +763,9 @@ impl Operation for TestersImport {
     }
 
     async fn decide(&self, row: &mut ImportRow) -> Result<Decision, ApiError> {
+        if row.suppress_as.is_some() {
+            return Ok(Decision::Send("suppress"));
+        }
         let existing = self.current(row).await?;
         Ok(match (existing, self.mode) {
             (Some(t), Mode::Create) => Decision::Reject {
@@ -726,6 +813,17 @@ impl Operation for TestersImport {
     }
 
     async fn send(&self, row: &mut ImportRow, intent: Intent) -> Result<Sent, ApiError> {
+        if let Some(reason) = row.suppress_as {
+            return Ok(
+                match create_suppression(&self.client, &self.beta, &row.email_key, reason).await? {
+                    Sent::Done { action, target } => Sent::Done {
+                        action: suppressed_action(action),
+                        target,
+                    },
+                    other => other,
+                },
+            );
+        }
         if intent == "update" {
             let (id, change) = row.change.as_deref().expect("an update decided its change");
             let t = self.client.update_tester(&self.beta, *id, change).await?;
@@ -850,6 +948,7 @@ impl Operation for TestersImport {
             m.insert("--order".into(), Value::String(self.order().name().into()));
         }
         m.insert("--link-referrers".into(), Value::Bool(self.link_referrers));
+        m.insert("--suppress".into(), Value::Bool(self.suppress));
         m
     }
 
