@@ -693,3 +693,46 @@ async fn a_plan_with_delete_missing_is_bounded_and_its_apply_backs_up_first() {
         assert!(backup.contains(e.as_str()), "{e} backed up: {backup}");
     }
 }
+
+/// A project named by its UID (as Prefinery's settings show it): the
+/// mirror the sync lists it into is found again by that UID, by sync and
+/// by plan, though a project's record carries no `uid` (the sandbox's, as
+/// the reference shows it, has none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_named_by_its_uid_is_found_in_its_mirror() {
+    let f = Fixture::new(30).await;
+    let mut rows = f.rows();
+    rows[0].1 = "Renamed".into();
+    let file = f.write("in.csv", &rows);
+    let mut o = f.opts(&file);
+    o.import.beta = "a9b8c7de".into();
+    let s = f.sync(&o).await.unwrap();
+    assert!(s.refreshed);
+    assert_eq!(s.import.updated, 1, "{s:?}");
+    // Again: the mirror is fresh and known by the UID, no listing.
+    let again = f.sync(&o).await.unwrap();
+    assert!(!again.refreshed, "{again:?}");
+    let out = prefsync(
+        &f.sandbox,
+        &[
+            "plan",
+            "testers",
+            "--beta",
+            "a9b8c7de",
+            "--file",
+            file.to_str().unwrap(),
+            "--mirror",
+            f.path("mirror.sqlite").to_str().unwrap(),
+            "--out",
+            f.path("plan.csv").to_str().unwrap(),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

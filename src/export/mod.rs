@@ -268,7 +268,18 @@ pub async fn export(
     };
     let mut sink = sink;
     for p in &projects {
-        let uid = p.extra.get("uid").and_then(serde_json::Value::as_str);
+        // The UID when the API tells it, else the --beta that named this
+        // project by one (the reference shows no `uid` in a project's
+        // record): a mirror made with --beta UID is found again by it.
+        let given = betas
+            .iter()
+            .find(|(id, b)| *id == p.id as i64 && b.parse::<i64>().is_err())
+            .map(|(_, b)| b.as_str());
+        let uid = p
+            .extra
+            .get("uid")
+            .and_then(serde_json::Value::as_str)
+            .or(given);
         sink.note_project(p.id as i64, uid, p.name.as_deref())?;
     }
     let sink = Arc::new(Mutex::new(sink));
