@@ -6,7 +6,7 @@
 //! ```sh
 //! cargo build --release --bin prefsync
 //! cargo run --release --example proof -- trials [--trials N] [--rows R] [--seed S] [--scenario NAME]
-//! cargo run --release --example proof -- faults [--rows R] [--seed S] [--scenario NAME]
+//! cargo run --release --example proof -- faults [--rows R] [--seed S] [--scenario NAME] [--input TRIALS-SCENARIO]
 //! ```
 //!
 //! `--prefsync PATH` picks the binary (default: the `prefsync` of the
@@ -66,6 +66,9 @@ struct Opts {
     /// Scenarios (name prefixes) whose report disagreements are printed
     /// but do not fail the run: known defects, until they are fixed.
     advisory: Vec<String>,
+    /// `faults`: the trials scenario whose input and command each fault
+    /// case runs (default: the first, import-create-heavy).
+    input: Option<String>,
 }
 
 fn parse_opts() -> Opts {
@@ -73,7 +76,7 @@ fn parse_opts() -> Opts {
     let cmd = args.next().unwrap_or_default();
     if cmd != "trials" && cmd != "faults" {
         eprintln!(
-            "usage: proof trials [--trials N] [--rows R] [--seed S] [--scenario NAME]\n       proof faults [--rows R] [--seed S] [--scenario NAME]"
+            "usage: proof trials [--trials N] [--rows R] [--seed S] [--scenario NAME]\n       proof faults [--rows R] [--seed S] [--scenario NAME] [--input TRIALS-SCENARIO]"
         );
         std::process::exit(2);
     }
@@ -94,6 +97,7 @@ fn parse_opts() -> Opts {
         keep: false,
         only_trial: None,
         advisory: vec![],
+        input: None,
         work: std::env::temp_dir().join(format!("prefsync-proof-{}", std::process::id())),
     };
     while let Some(a) = args.next() {
@@ -110,6 +114,7 @@ fn parse_opts() -> Opts {
                 o.advisory = val().split(',').map(String::from).collect();
             }
             "--keep" => o.keep = true,
+            "--input" => o.input = Some(val()),
             _ => panic!("unknown argument {a}"),
         }
     }
@@ -1776,9 +1781,16 @@ fn fault_cases(rows: usize) -> Vec<FaultCase> {
 }
 
 fn faults(o: &Opts) -> bool {
+    let input = match &o.input {
+        None => &SCENARIOS[0],
+        Some(name) => SCENARIOS
+            .iter()
+            .find(|s| s.name == name && matches!(s.kind, Kind::Import { .. }))
+            .unwrap_or_else(|| panic!("--input {name}: no import scenario of that name")),
+    };
     println!(
-        "fault campaign: import of a create-heavy file (10% existing users) into a sandbox with --rate-scale 0, seed {}; client at its defaults (concurrency 8) with its list quotas lifted",
-        o.seed
+        "fault campaign: the {} import (its file and command) into a sandbox with --rate-scale 0, seed {}; client at its defaults (concurrency 8) with its list quotas lifted",
+        input.name, o.seed
     );
     println!(
         "\n| scenario | rows | final state exact | API calls a row | retries | throttled | exit codes | time |"
@@ -1796,7 +1808,7 @@ fn faults(o: &Opts) -> bool {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let mut rng = fastrand::Rng::with_seed(o.seed ^ n as u64);
-        let kind = SCENARIOS[0].kind;
+        let kind = input.kind;
         let mut p = plan(kind, c.rows, &mut rng, o.seed);
         write_input(&dir, &mut p);
         let mut args: Vec<String> = [
