@@ -695,6 +695,33 @@ impl Checkpoint {
             .optional()?)
     }
 
+    /// Reopens the rows a finished run gave up on as unclear, which their
+    /// message tells to run again (`retries_exhausted`, `outcome_unknown`),
+    /// and marks the run stopped, so the same command resumes it and does
+    /// exactly those rows. Their calls may have taken effect (a write whose
+    /// answer was lost, then a check that could not get through): they go
+    /// back as `sending`, with the intent they had, so their effect is
+    /// asked about before anything is sent again. Returns how many rows
+    /// were reopened.
+    pub fn reopen_given_up(&self, run: i64) -> anyhow::Result<u64> {
+        let n = self.conn.execute(
+            concat!(
+                "UPDATE rows SET state = 'sending', \
+                 action = NULL, error_class = NULL, http_status = NULL, message = NULL \
+                 WHERE run_id = ?1 AND state = 'rejected' AND error_class IN ('retries_exhausted', 'outcome_unknown') AND ",
+                no_outcome!()
+            ),
+            params![run],
+        )?;
+        if n > 0 {
+            self.conn.execute(
+                "UPDATE runs SET state = 'stopped', updated_at = ?2 WHERE id = ?1",
+                params![run, now_secs()],
+            )?;
+        }
+        Ok(n as u64)
+    }
+
     /// The latest run of this kind that finished this input (by content)
     /// for this project; runs abandoned by `--fresh` do not count.
     pub fn finished_run(
@@ -1080,7 +1107,8 @@ impl Checkpoint {
                      VALUES (?1, ?2, 'rejected', 'rejected', ?3, ?4, ?5, ?6)
                      ON CONFLICT (run_id, line) DO UPDATE SET state = 'rejected', action = 'rejected',
                        error_class = excluded.error_class, http_status = excluded.http_status,
-                       message = excluded.message, raw = COALESCE(excluded.raw, rows.raw), intent = NULL",
+                       message = excluded.message, raw = COALESCE(excluded.raw, rows.raw),
+                       intent = CASE WHEN excluded.error_class IN ('outcome_unknown', 'retries_exhausted') THEN rows.intent END",
                 )?;
                 st.execute(params![run, *line as i64, class, http_status, message, raw])?;
                 // A row has one final state (no path rejects a row it saw

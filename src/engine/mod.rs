@@ -702,7 +702,26 @@ pub async fn run<O: Operation>(
     };
     let stdin = matches!(opts.source, Source::Stdin | Source::Spooled(_));
     // A run left unfinished (say, a --fresh one killed) is resumed first.
-    let unfinished = ck.unfinished_run(op.kind(), &key, &opts.beta)?;
+    let mut unfinished = ck.unfinished_run(op.kind(), &key, &opts.beta)?;
+    // A finished run that gave rows up as unclear ("run again to retry"):
+    // running it again resumes it, and does exactly those rows.
+    if unfinished.is_none()
+        && !opts.fresh
+        && !stdin
+        && !opts.dry_run
+        && let Some(done) = ck.finished_run(op.kind(), &key, &opts.beta, &hash)?
+        && settings_differ(&done.options, &settings).is_empty()
+    {
+        let reopened = ck.reopen_given_up(done.id)?;
+        if reopened > 0 {
+            tracing::info!(
+                run = done.id,
+                "run {} gave up on {reopened} rows as unclear (retries exhausted, or an outcome it could not tell): trying them again",
+                done.id
+            );
+            unfinished = ck.run(done.id)?;
+        }
+    }
     if !op.repeatable()
         && !stdin
         && !opts.dry_run
@@ -925,6 +944,18 @@ pub async fn run<O: Operation>(
                 .clone()
                 .unwrap_or_else(|| default_errors_path(&opts.checkpoint, run))
         });
+    // A resumed run that left no row rejected: the errors report its
+    // earlier part wrote names rows that are done now.
+    if resumed && counts.rejected == 0 && !opts.dry_run {
+        let stale = opts
+            .errors
+            .clone()
+            .unwrap_or_else(|| default_errors_path(&opts.checkpoint, run));
+        if stale.exists() {
+            std::fs::remove_file(&stale)
+                .with_context(|| format!("failed to remove {}", stale.display()))?;
+        }
+    }
     let stats = client.stats();
     let mut actions = serde_json::Map::new();
     for a in op.actions() {
