@@ -1026,3 +1026,62 @@ async fn a_dry_run_writes_its_plan_with_emails_and_changed_fields() {
     assert!(s.results_file.unwrap().ends_with("results.csv"));
     assert_eq!(f.csv("results.csv")[3][1], "not-an-email");
 }
+
+/// Rows given up as unclear ("retries exhausted ... run again to retry")
+/// are done by running the same command again, as their message says: the
+/// run is resumed and only they are sent, nobody twice. (A finished file
+/// is otherwise not sent again, and these rows were lost.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_given_up_as_unclear_are_done_by_running_again() {
+    let f = Fixture::new(SandboxConfig {
+        fail_rate: 0.3,
+        seed: 7,
+        ..Default::default()
+    })
+    .await;
+    let mut text = String::from("email,first_name\n");
+    for i in 0..200 {
+        text.push_str(&format!("p{i}@example.org,P{i}\n"));
+    }
+    let input = f.dir.path().join("in.csv");
+    std::fs::write(&input, text).unwrap();
+    let mut o = ImportOptions::new("1", Source::File(input), f.dir.path().join("ck.sqlite"));
+    o.mode = Mode::Create;
+    // One attempt a call: a refused lookup gives its row up at once.
+    let client = prefsync::api::Client::new(
+        f.sandbox.base_url().parse().unwrap(),
+        prefsync::api::ApiKey::new(common::KEY),
+        prefsync::api::Limiter::new(&[
+            "testers-list=100000/1s".parse().unwrap(),
+            "betas=100000/1s".parse().unwrap(),
+        ]),
+        prefsync::api::RetryPolicy {
+            max_attempts: 1,
+            ..common::fast_retry()
+        },
+    );
+    let first = import(&client, &o, Stop::default(), Arc::new(Silent))
+        .await
+        .unwrap();
+    assert!(first.rejected > 0, "the faults gave rows up: {first:?}");
+    // Again, as a user would, with the client's usual retries.
+    let client = common::unlimited_client(&f.sandbox);
+    let mut last = first.clone();
+    for _ in 0..10 {
+        if last.rejected == 0 {
+            break;
+        }
+        last = import(&client, &o, Stop::default(), Arc::new(Silent))
+            .await
+            .unwrap();
+        assert_eq!(last.run_id, first.run_id, "the same run, resumed");
+        assert!(last.resumed);
+    }
+    assert_eq!(last.rejected, 0, "{last:?}");
+    let users = common::users(&f.sandbox, 1);
+    assert_eq!(users.len(), 200, "everyone, once");
+    let mut emails: Vec<_> = users.iter().map(|u| u["email"].clone()).collect();
+    emails.sort_by_key(|e| e.to_string());
+    emails.dedup();
+    assert_eq!(emails.len(), 200);
+}
