@@ -192,6 +192,16 @@ fn checkpoint_runs(ck: &Checkpoint) -> anyhow::Result<Value> {
     Ok(Value::Array(runs))
 }
 
+/// An export's `complete`: 1 complete, 0 not finished, -1 abandoned by
+/// `--fresh`.
+fn export_state(complete: i64) -> &'static str {
+    match complete {
+        1 => "done",
+        0 => "unfinished",
+        _ => "abandoned",
+    }
+}
+
 fn export_runs(conn: &Connection) -> anyhow::Result<Value> {
     let mut st = conn.prepare(
         "SELECT id, beta_id, resource, filters, started_at, finished_at, complete, rows FROM export_runs ORDER BY id",
@@ -206,8 +216,7 @@ fn export_runs(conn: &Connection) -> anyhow::Result<Value> {
                 "filters": r.get::<_, String>(3)?,
                 "started_at": r.get::<_, String>(4)?,
                 "finished_at": r.get::<_, Option<String>>(5)?,
-                // 1 complete, 0 not finished, -1 abandoned by --fresh.
-                "state": match complete { 1 => "done", 0 => "unfinished", _ => "abandoned" },
+                "state": export_state(complete),
                 "rows": r.get::<_, i64>(7)?,
             }))
         })?
@@ -228,7 +237,7 @@ fn export_files(conn: &Connection) -> anyhow::Result<Value> {
                 "resource": r.get::<_, String>(2)?,
                 "filters": r.get::<_, String>(3)?,
                 "started_at": r.get::<_, String>(4)?,
-                "state": match complete { 1 => "done", 0 => "unfinished", _ => "abandoned" },
+                "state": export_state(complete),
                 "rows": r.get::<_, i64>(6)?,
                 "format": r.get::<_, String>(7)?,
                 "output": r.get::<_, String>(8)?,

@@ -138,6 +138,12 @@ impl Applier {
         }
     }
 
+    /// `n` events left pending for `counter` (applied, unknown).
+    fn settled(&self, counter: &std::sync::atomic::AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        self.stats.pending.fetch_sub(n as u64, Ordering::Relaxed);
+    }
+
     fn update_lag(&self) -> anyhow::Result<()> {
         let oldest = self
             .journal
@@ -190,21 +196,11 @@ impl Applier {
         }
         if !unknown.is_empty() {
             self.journal.mark(&unknown, "unknown", None)?;
-            self.stats
-                .unknown
-                .fetch_add(unknown.len() as u64, Ordering::Relaxed);
-            self.stats
-                .pending
-                .fetch_sub(unknown.len() as u64, Ordering::Relaxed);
+            self.settled(&self.stats.unknown, unknown.len());
         }
         if !gone.is_empty() {
             self.journal.mark(&gone, "applied", Some("no such user"))?;
-            self.stats
-                .applied
-                .fetch_add(gone.len() as u64, Ordering::Relaxed);
-            self.stats
-                .pending
-                .fetch_sub(gone.len() as u64, Ordering::Relaxed);
+            self.settled(&self.stats.applied, gone.len());
         }
         let this = &*self;
         let results: Vec<(u64, Group, anyhow::Result<()>)> = futures::stream::iter(groups)
@@ -235,12 +231,7 @@ impl Applier {
         // One commit for the batch: the mirror's writes came first, so a
         // crash before it only means reading those users once more.
         self.journal.mark(&done, "applied", None)?;
-        self.stats
-            .applied
-            .fetch_add(done.len() as u64, Ordering::Relaxed);
-        self.stats
-            .pending
-            .fetch_sub(done.len() as u64, Ordering::Relaxed);
+        self.settled(&self.stats.applied, done.len());
         self.update_lag()?;
         match first_error {
             Some(e) => Err(e),
